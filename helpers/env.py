@@ -1,0 +1,125 @@
+"""Where things live, what machine this is, and one `setup()` call that every notebook makes first."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_URL = "https://github.com/mi-workbook/mi-workbook"
+
+
+def _find_root() -> Path:
+    """The repository root: $WORKBOOK_ROOT, else the folder above this package, else the working directory."""
+    if os.environ.get("WORKBOOK_ROOT"):
+        return Path(os.environ["WORKBOOK_ROOT"]).expanduser().resolve()
+    here = Path(__file__).resolve().parents[1]
+    if (here / "notebooks").is_dir():
+        return here
+    return Path.cwd()
+
+
+ROOT: Path = _find_root()
+DATA: Path = ROOT / "data"
+FIGURES: Path = ROOT / "figures"
+RUNS: Path = ROOT / "runs"
+NOTEBOOKS: Path = ROOT / "notebooks"
+
+IN_COLAB: bool = "google.colab" in sys.modules
+IN_CI: bool = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+# The parameters every notebook's `parameters` cell defines, with the types they must have.
+PARAMETER_TYPES: dict[str, tuple[type, ...]] = {
+    "MODEL": (str,),
+    "DEVICE": (str, type(None)),
+    "SEED": (int,),
+    "FAST": (bool,),
+}
+
+
+def check_parameters(**params: Any) -> None:
+    """Raise a TypeError naming the parameter when one has the wrong type (papermill passes strings easily)."""
+    for name, value in params.items():
+        expected = PARAMETER_TYPES.get(name)
+        if expected is None:
+            continue
+        if isinstance(value, bool) and bool not in expected:  # bool is an int: SEED=True is a mistake
+            ok = False
+        else:
+            ok = isinstance(value, expected)
+        if not ok:
+            names = " or ".join(t.__name__ for t in expected)
+            raise TypeError(f"parameter {name} must be {names}, got {type(value).__name__} {value!r}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_threads() -> int:
+    """Torch threads: $WORKBOOK_THREADS, else the cores this process may use (at most 8)."""
+    if os.environ.get("WORKBOOK_THREADS"):
+        return max(1, int(os.environ["WORKBOOK_THREADS"]))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def default_device() -> str:
+    """cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def setup(seed: int = 0, quiet: bool = True, **params: Any) -> dict[str, Any]:
+    """Seed everything, pin torch threads, apply the house plot style, and check the notebook's parameters.
+
+    Pass the notebook's parameters as keywords (`setup(SEED, MODEL=MODEL, FAST=FAST)`): their types are
+    checked, and they are remembered by `helpers.results` so every results table says what produced it.
+    Returns a small dict describing the run (device, threads, colab, ci).
+    """
+    check_parameters(SEED=seed, **params)
+    seed_everything(seed)
+    threads = default_threads()
+    torch.set_num_threads(threads)
+    if quiet:
+        warnings.filterwarnings("ignore", category=UserWarning, module="transformer_lens")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+    from helpers import plotting, results
+
+    plotting.use_style()
+    results.set_context(seed=seed, **{k.lower(): v for k, v in params.items()})
+    info = {
+        "device": params.get("DEVICE") or default_device(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "colab": IN_COLAB,
+        "ci": IN_CI,
+        "root": str(ROOT),
+    }
+    if not quiet or not IN_CI:
+        print("setup: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "root"))
+    return info

@@ -1,0 +1,103 @@
+"""Loading: the offline default works, caching is exact, and bad input fails fast and clearly."""
+import time
+
+import pytest
+import torch
+
+import helpers
+from helpers import interventions as I
+from helpers import models
+from tests.conftest import EIFFEL
+
+
+def test_offline_model_knows_paris(model):
+    logits = I.logits(model, EIFFEL)
+    assert model.tokenizer.decode([logits[0].argmax().item()]) == " Paris"
+
+
+def test_describe_matches_smollm2(model):
+    info = helpers.describe(model)
+    assert (info.n_layers, info.d_model, info.n_heads, info.d_vocab) == (30, 576, 9, 49152)
+    assert info.dtype == "float32"
+
+
+def test_cached_load_gives_identical_logits(model):
+    again = helpers.load_model(verbose=False)
+    assert torch.equal(I.logits(model, EIFFEL), I.logits(again, EIFFEL))
+
+
+def test_cached_load_is_fast(model):
+    t0 = time.perf_counter()
+    helpers.load_model(verbose=False)
+    assert time.perf_counter() - t0 < 10  # ~1.5 s warm; generous for a loaded CI machine
+
+
+def test_local_folder_and_gguf_path_load_the_same_model(model):
+    gguf = models.offline_gguf_path()
+    folder = models.dequantized_folder(gguf, verbose=False)
+    from_folder = helpers.load_model(str(folder), verbose=False)
+    from_gguf = helpers.load_model(str(gguf), verbose=False)
+    ref = I.logits(model, EIFFEL)
+    assert torch.allclose(I.logits(from_folder, EIFFEL), ref, atol=1e-4)
+    assert torch.equal(I.logits(from_gguf, EIFFEL), ref)
+
+
+def test_random_weights_model_differs_and_is_seeded(model):
+    a = helpers.load_model(random_weights=True, seed=1, verbose=False)
+    b = helpers.load_model(random_weights=True, seed=1, verbose=False)
+    la, lb = I.logits(a, EIFFEL), I.logits(b, EIFFEL)
+    assert torch.equal(la, lb)
+    assert not torch.allclose(la, I.logits(model, EIFFEL))
+    assert a.workbook_name.endswith("(random weights)")
+
+
+def test_unknown_model_fails_fast_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(helpers.ModelNotAvailableError) as err:
+        helpers.load_model("no-such-org/no-such-model")
+    assert time.perf_counter() - t0 < 5
+    message = str(err.value)
+    assert helpers.DEFAULT_MODEL in message and "no-such-org/no-such-model" in message
+
+
+def test_unreachable_hub_sets_offline(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(models, "_HUB_REACHABLE", None)
+    t0 = time.perf_counter()
+    assert models.hub_reachable(timeout=1.0) is False
+    assert time.perf_counter() - t0 < 5
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("bad, error", [(123, TypeError), ("", ValueError), ("/no/such/file.gguf", FileNotFoundError),
+                                        ("./no/such/folder", FileNotFoundError)])
+def test_bad_names_raise(bad, error):
+    with pytest.raises(error):
+        helpers.load_model(bad)
+
+
+@pytest.mark.parametrize("kwargs, error", [(dict(device=3), TypeError), (dict(device="tpu9"), ValueError),
+                                           (dict(dtype="float99"), ValueError), (dict(random_weights="yes"), TypeError)])
+def test_bad_arguments_raise(kwargs, error):
+    with pytest.raises(error):
+        helpers.load_model(**kwargs)
+
+
+def test_missing_architectures_filled_from_model_type():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig()
+    config.architectures = None
+    models._fill_architectures(config)
+    assert config.architectures == ["LlamaForCausalLM"]
+
+
+def test_list_models_shows_offline_default():
+    table = helpers.list_models(check_hub=False)
+    row = table[table.name == helpers.DEFAULT_MODEL]
+    assert len(row) == 1 and bool(row.available.iloc[0])
