@@ -153,7 +153,7 @@ def loss_split(model: torch.nn.Module, x: Tensor, importance: Tensor | None = No
         raise ValueError(f"x must be [instance={model.W.shape[0]}, batch, feature={model.W.shape[2]}], "
                          f"got {tuple(x.shape)}")
     imp = torch.ones(x.shape[2]) if importance is None else torch.as_tensor(importance, dtype=torch.float32)
-    imp = imp.expand(x.shape[0], x.shape[2])[:, None, :]
+    imp = imp.to(x.device).expand(x.shape[0], x.shape[2])[:, None, :]
     W, b = model.W.detach(), model.b.detach()
     alone = (W ** 2).sum(dim=1)[:, None, :] * x + b[:, None, :]
     if model.nonlinearity == "relu":
@@ -161,26 +161,50 @@ def loss_split(model: torch.nn.Module, x: Tensor, importance: Tensor | None = No
     total = (((model.forward_instances(x) - x) ** 2) * imp).mean(dim=(1, 2))
     capacity = (((alone - x) ** 2) * imp).mean(dim=(1, 2))
     zero = ((x - x.mean(dim=1, keepdim=True)) ** 2 * imp).mean(dim=(1, 2))
-    return {"total": total.numpy(), "capacity": capacity.numpy(), "interference": (total - capacity).numpy(),
-            "zero_model": zero.numpy()}
+    return {k: v.cpu().numpy() for k, v in
+            {"total": total, "capacity": capacity, "interference": total - capacity, "zero_model": zero}.items()}
+
+
+def cluster_test(values: Any, centres: Sequence[float] = tuple(POLYTOPE_FRACTIONS.values()),
+                 width: float = 0.01, background: float = 0.05) -> dict[str, np.ndarray]:
+    """Is there a cluster of `values` at each centre? Compares the count within ±width of c with the count
+    expected there from the local background: the density in the flanks width < |v - c| <= background,
+    leaving out of the flanks the ±width windows of the other centres (3/8 and 2/5 are only 0.025 apart).
+
+    Returns arrays over centres: "count" (values within ±width), "expected" (from the flanks; an empty flank
+    counts as half a value), "enrichment" (count / expected: >> 1 a peak, ~1 flat, 0 a gap; nan when nothing
+    is near c) and "p_value" (one-sided Poisson probability of at least `count` given `expected`)."""
+    from scipy.stats import poisson
+
+    v = np.asarray(values, dtype=float).ravel()
+    centres = np.asarray(list(centres), dtype=float)
+    if not 0 < width < background:
+        raise ValueError(f"need 0 < width < background, got width={width}, background={background}")
+    count, expected = [], []
+    for k, c in enumerate(centres):
+        others = np.delete(centres, k)
+
+        def in_flank(x: np.ndarray) -> np.ndarray:
+            d = np.abs(x - c)
+            near_other = (np.abs(x[:, None] - others[None]) <= width).any(-1) if len(others) else np.zeros(len(x), bool)
+            return (d > width) & (d <= background) & ~near_other
+
+        grid = np.linspace(c - background, c + background, 4001)
+        flank_len = in_flank(grid).mean() * 2 * background
+        count.append(int((np.abs(v - c) <= width).sum()))
+        n_flank = int(in_flank(v).sum())
+        expected.append(max(n_flank, 0.5) / flank_len * 2 * width if flank_len > 0 else np.nan)
+    count_a, expected_a = np.array(count), np.array(expected)
+    empty = np.array([cnt == 0 and (np.abs(v - c) <= background).sum() == 0 for cnt, c in zip(count, centres)])
+    enrichment = np.where(empty, np.nan, count_a / expected_a)
+    p_value = np.where(empty, np.nan, poisson.sf(count_a - 1, expected_a))
+    return {"count": count_a, "expected": expected_a, "enrichment": enrichment, "p_value": p_value}
 
 
 def cluster_enrichment(values: Any, centres: Sequence[float] = tuple(POLYTOPE_FRACTIONS.values()),
-                       width: float = 0.02, background: float = 0.08) -> np.ndarray:
-    """Is there a cluster at each centre? For each centre c: the density of `values` within ±width of c,
-    divided by their density in the flanks width < |v - c| < background (a local background).
-    A ratio well above 1 is a peak at c; ~1 is a flat distribution; 0 is a gap. [len(centres)]; nan where
-    there is nothing near c. Set width/background smaller than the spacing of the centres."""
-    v = np.asarray(values, dtype=float).ravel()
-    if not 0 < width < background:
-        raise ValueError(f"need 0 < width < background, got width={width}, background={background}")
-    out = []
-    for c in centres:
-        d = np.abs(v - c)
-        inner = (d <= width).sum() / (2 * width)
-        flank = ((d > width) & (d <= background)).sum() / (2 * (background - width))
-        out.append(np.nan if inner + flank == 0 else inner / max(flank, 1.0 / (2 * (background - width))))
-    return np.array(out)
+                       width: float = 0.01, background: float = 0.05) -> np.ndarray:
+    """`cluster_test(...)["enrichment"]`: count near each centre / count expected from the local background."""
+    return cluster_test(values, centres, width, background)["enrichment"]
 
 
 def participation_ratio(W: Any, dim: int = -1) -> np.ndarray:
@@ -247,3 +271,58 @@ def phase_diagram_theory(ratios: Sequence[float], densities: Sequence[float], st
     phase = classify_phase(Wbest[:, None, :])
     shape = (len(r), len(p))
     return phase.reshape(shape), final.min(1).values.numpy().reshape(shape)
+
+
+# --- plots and the explorer -------------------------------------------------------------------------------
+
+def plot_gram_and_norms(W: Any, ax_gram, ax_bars, title: str = "", max_norm: float = 1.3) -> None:
+    """The paper's two views of one model: WᵀW as a heatmap (−1 blue … +1 red), and ||W_i|| as bars coloured by
+    how much feature i shares its direction with others (`superposition_score`: dark = its own dimension,
+    yellow = in superposition)."""
+    import matplotlib.pyplot as plt
+
+    W, single = _as_W(W)
+    if not single and W.shape[0] != 1:
+        raise ValueError("plot_gram_and_norms draws one model: pass W as [hidden, feature]")
+    W = W[0]
+    gram = (W.T @ W).numpy()
+    ax_gram.imshow(gram, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax_gram.set(xticks=[], yticks=[], title=title)
+    norms, sup = feature_norms(W), np.clip(superposition_score(W), 0, 1)
+    n = len(norms)
+    ax_bars.barh(np.arange(n), norms, color=plt.get_cmap("viridis")(sup), height=0.8)
+    ax_bars.set(xlim=(0, max_norm), ylim=(n - 0.5, -0.5), yticks=[], xlabel="‖W_i‖")
+    ax_bars.grid(axis="y", visible=False)
+
+
+def geometry_explorer(W: Any, densities: Sequence[float], decays: Sequence[float], losses: Any = None):
+    """An ipywidgets explorer of precomputed 2-D toy models: sliders for sparsity and importance decay show
+    the learned feature directions (arrows coloured by importance). W: [n_decay, n_density, 2, n_features].
+    Nothing is trained on a slider move, so it responds at once; it renders its default state headless."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from helpers.plotting import feature_geometry_2d
+
+    W = np.asarray(W.detach().cpu() if isinstance(W, Tensor) else W, dtype=float)
+    if W.ndim != 4 or W.shape[2] != 2 or W.shape[:2] != (len(decays), len(densities)):
+        raise ValueError(f"W must be [n_decay={len(decays)}, n_density={len(densities)}, 2, feature], got {W.shape}")
+    n = W.shape[-1]
+    sparsity = widgets.SelectionSlider(options=[(f"{1 - p:.3g}", i) for i, p in enumerate(densities)],
+                                       value=len(densities) // 2, description="sparsity S",
+                                       continuous_update=True, layout=widgets.Layout(width="420px"))
+    decay = widgets.SelectionSlider(options=[(f"{d:g}", j) for j, d in enumerate(decays)], value=0,
+                                    description="importance decay", style={"description_width": "initial"},
+                                    continuous_update=True, layout=widgets.Layout(width="420px"))
+
+    def draw(i: int, j: int) -> None:
+        w = W[j, i]
+        fig, ax = plt.subplots(figsize=(3.6, 3.6))
+        feature_geometry_2d(w, importance=decays[j] ** np.arange(n), ax=ax, lim=1.5)
+        kept = int((np.linalg.norm(w, axis=0) > 0.5).sum())
+        extra = "" if losses is None else f", loss {np.asarray(losses)[j, i]:.2g}"
+        ax.set_title(f"S = {1 - densities[i]:.3g}, decay {decays[j]:g}: {kept}/{n} features{extra}")
+        plt.show()
+
+    out = widgets.interactive_output(draw, {"i": sparsity, "j": decay})
+    return widgets.VBox([sparsity, decay, out])

@@ -29,6 +29,16 @@ def sparse_features(batch: int, n_instances: int, n_features: int, density: Tens
     return values * mask
 
 
+@torch.no_grad()
+def xavier_per_instance_(W: Tensor) -> Tensor:
+    """Xavier-normal init of each instance's [out, in] matrix in an [instance, out, in] tensor, in place:
+    std = sqrt(2 / (out + in)), as for a single model. (`nn.init.xavier_normal_` on the 3-D tensor would
+    count the instances in the fan and shrink the init as more instances are trained together.)"""
+    if W.ndim != 3:
+        raise ValueError(f"expected an [instance, out, in] tensor, got shape {tuple(W.shape)}")
+    return W.normal_(0.0, (2.0 / (W.shape[1] + W.shape[2])) ** 0.5)
+
+
 class ToyModel(nn.Module):
     """x' = act(Wᵀ W x + b) for `n_instances` independent models (Elhage et al. 2022).
 
@@ -41,7 +51,7 @@ class ToyModel(nn.Module):
             raise ValueError(f"nonlinearity must be 'relu' or 'linear', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         self.W = nn.Parameter(torch.empty(n_instances, n_hidden, n_features))
-        nn.init.xavier_normal_(self.W)
+        xavier_per_instance_(self.W)
         self.b = nn.Parameter(torch.zeros(n_instances, n_features))
 
     def hidden(self, x: Tensor) -> Tensor:
@@ -121,19 +131,22 @@ def _per_instance(value: Tensor | float, n_instances: int, name: str) -> Tensor:
 
 
 def sparse_batch(n_instances: int, batch: int, n_features: int, density: Tensor | float,
-                 generator: torch.Generator | None = None, signed: bool = False) -> Tensor:
+                 generator: torch.Generator | None = None, signed: bool = False,
+                 device: torch.device | str | None = None) -> Tensor:
     """[instance, batch, feature] sparse inputs, the same distribution as `sparse_features` but instance-first
     and from one uniform draw: a feature is on when u < p, and then u / p is uniform in [0, 1]
-    (2u/p - 1 in [-1, 1] when `signed`). `density`: a float, [instance] or [instance, feature] tensor in (0, 1]."""
+    (2u/p - 1 in [-1, 1] when `signed`). `density`: a float, [instance] or [instance, feature] tensor in (0, 1].
+    `device`: where to make the batch (the generator must live there too)."""
     p = _per_instance(density, n_instances, "density")
     if (p <= 0).any() or (p > 1).any():
         raise ValueError("density must lie in (0, 1]")
-    u = torch.rand((n_instances, batch, n_features), generator=generator)
+    u = torch.rand((n_instances, batch, n_features), generator=generator, device=device)
+    p = p.to(u.device)
     on = u < p
     values = u / p
     if signed:
         values = 2 * values - 1
-    return torch.where(on, values, torch.zeros(()))
+    return torch.where(on, values, torch.zeros((), device=u.device))
 
 
 class ComputeModel(nn.Module):
@@ -152,8 +165,8 @@ class ComputeModel(nn.Module):
         self.nonlinearity = nonlinearity
         self.W1 = nn.Parameter(torch.empty(n_instances, n_hidden, n_features))
         self.W2 = nn.Parameter(torch.empty(n_instances, n_features, n_hidden))
-        nn.init.xavier_normal_(self.W1)
-        nn.init.xavier_normal_(self.W2)
+        xavier_per_instance_(self.W1)
+        xavier_per_instance_(self.W2)
         self.b = nn.Parameter(torch.zeros(n_instances, n_features))
 
     def _act(self, x: Tensor) -> Tensor:
@@ -168,11 +181,11 @@ class ComputeModel(nn.Module):
     forward = forward_instances
 
 
-def _check_fast_model(model: nn.Module) -> tuple[int, int]:
+def _check_fast_model(model: nn.Module) -> tuple[int, int, torch.device]:
     if not hasattr(model, "forward_instances"):
         raise TypeError(f"model must be a ToyModel or ComputeModel, got {type(model).__name__}")
     W = model.W if hasattr(model, "W") else model.W1
-    return W.shape[0], W.shape[2]
+    return W.shape[0], W.shape[2], W.device
 
 
 def instance_loss(model: nn.Module, x: Tensor, importance: Tensor | None = None,
@@ -185,7 +198,7 @@ def instance_loss(model: nn.Module, x: Tensor, importance: Tensor | None = None,
         imp = torch.as_tensor(importance, dtype=torch.float32)
         if imp.ndim == 1 and imp.shape[0] == x.shape[2] and imp.shape[0] != x.shape[0]:
             imp = imp.expand(x.shape[0], -1)
-        err = err * _per_instance(imp, x.shape[0], "importance")
+        err = err * _per_instance(imp, x.shape[0], "importance").to(err.device)
     return err.mean(dim=(1, 2))
 
 
@@ -199,18 +212,18 @@ def fit(model: nn.Module, density: Tensor | float, importance: Tensor | None = N
     output should be (None: reconstruct x; `torch.abs` for the |x| task); signed: inputs in [-1, 1].
     AdamW, constant lr or schedule="cosine". Returns the per-instance loss history [n_logs, instance].
     """
-    n_instances, n_features = _check_fast_model(model)
+    n_instances, n_features, device = _check_fast_model(model)
     if steps <= 0 or batch_size <= 0:
         raise ValueError("steps and batch_size must be positive")
     if schedule not in (None, "cosine"):
         raise ValueError(f"schedule must be None or 'cosine', got {schedule!r}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
     history = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0, leave=False)
     for step in bar:
-        x = sparse_batch(n_instances, batch_size, n_features, density, generator=gen, signed=signed)
+        x = sparse_batch(n_instances, batch_size, n_features, density, generator=gen, signed=signed, device=device)
         loss = instance_loss(model, x, importance, target)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
@@ -227,13 +240,13 @@ def evaluate(model: nn.Module, density: Tensor | float, importance: Tensor | Non
              target: Callable[[Tensor], Tensor] | None = None, signed: bool = False, n_samples: int = 20_000,
              chunk: int = 5_000, seed: int = 12345) -> np.ndarray:
     """Per-instance loss on `n_samples` held-out inputs (a fixed seed, different from training): [instance]."""
-    n_instances, n_features = _check_fast_model(model)
-    gen = torch.Generator().manual_seed(seed)
+    n_instances, n_features, device = _check_fast_model(model)
+    gen = torch.Generator(device=device).manual_seed(seed)
     total, done = torch.zeros(n_instances), 0
     while done < n_samples:
         b = min(chunk, n_samples - done)
-        x = sparse_batch(n_instances, b, n_features, density, generator=gen, signed=signed)
-        total += instance_loss(model, x, importance, target) * b
+        x = sparse_batch(n_instances, b, n_features, density, generator=gen, signed=signed, device=device)
+        total += instance_loss(model, x, importance, target).cpu() * b
         done += b
     return (total / n_samples).numpy()
 
