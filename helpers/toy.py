@@ -106,7 +106,8 @@ def train(model: nn.Module, make_batch: Callable[[int], Any], loss_fn: Callable[
 # ---------------------------------------------------------------------------------------------------------
 # Instance-first fast path (added for notebook 01). Everything below works on [instance, batch, feature]
 # tensors, which turn the per-instance matrix products into one `bmm` and are several times faster on CPU
-# than the [batch, instance, feature] layout above. The functions above are unchanged.
+# than the [batch, instance, feature] layout above. The functions above keep their behaviour; only the init of
+# ToyModel is now xavier per instance (it used to shrink with the number of instances trained together).
 # ---------------------------------------------------------------------------------------------------------
 
 def importance_decay(n_features: int, decay: float | Tensor) -> Tensor:
@@ -191,12 +192,13 @@ def _check_fast_model(model: nn.Module) -> tuple[int, int, torch.device]:
 def instance_loss(model: nn.Module, x: Tensor, importance: Tensor | None = None,
                   target: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Importance-weighted squared error of `model.forward_instances(x)` against target(x) (default x), averaged
-    over batch and features: [instance]. importance: None, [feature], [instance] or [instance, feature]."""
+    over batch and features: [instance]. importance: None, [feature], [instance] or [instance, feature]
+    (a 1-D tensor whose length is the number of features is read as per-feature)."""
     y = x if target is None else target(x)
     err = (model.forward_instances(x) - y) ** 2
     if importance is not None:
         imp = torch.as_tensor(importance, dtype=torch.float32)
-        if imp.ndim == 1 and imp.shape[0] == x.shape[2] and imp.shape[0] != x.shape[0]:
+        if imp.ndim == 1 and imp.shape[0] == x.shape[2]:          # a 1-D tensor of length n_features is per feature
             imp = imp.expand(x.shape[0], -1)
         err = err * _per_instance(imp, x.shape[0], "importance").to(err.device)
     return err.mean(dim=(1, 2))

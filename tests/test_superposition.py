@@ -182,3 +182,31 @@ def test_importance_and_best_of_seeds():
         toy.best_of_seeds(np.ones(5), 3)
     with pytest.raises(ValueError):
         toy.importance_decay(0, 0.9)
+
+
+def test_explorer_and_plots_render_headless():
+    import ipywidgets as widgets
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    W = np.stack([np.stack([polygon(5).numpy(), polygon(5, 0.5).numpy()])] * 2)   # [decay=2, density=2, 2, 5]
+    box = sp.geometry_explorer(W, [1.0, 0.1], [1.0, 0.9], losses=np.ones((2, 2)))
+    assert isinstance(box, widgets.VBox) and len(box.children) == 3
+    box.children[0].value = 0                      # moving a slider redraws without error
+    with pytest.raises(ValueError):
+        sp.geometry_explorer(W[:1], [1.0, 0.1], [1.0, 0.9])
+    fig, axes = plt.subplots(1, 2)
+    sp.plot_gram_and_norms(polygon(5), axes[0], axes[1], title="pentagon")
+    assert len(axes[1].patches) == 5
+    plt.close("all")
+
+
+def test_instance_loss_reads_1d_importance_per_feature():
+    model = toy.ToyModel(3, 3, 2)
+    x = toy.sparse_batch(3, 64, 3, 0.5, generator=torch.Generator().manual_seed(0))
+    imp = torch.tensor([1.0, 0.0, 0.0])                       # n_instances == n_features: still per feature
+    with torch.no_grad():
+        manual = ((model.forward_instances(x) - x) ** 2)[:, :, 0].mean(1) / 3
+    assert torch.allclose(toy.instance_loss(model, x, imp), manual, atol=1e-7)
