@@ -212,14 +212,15 @@ def factor_design(levels: np.ndarray, interactions: bool = False) -> np.ndarray:
 
 def heldout_r2(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y_test: np.ndarray,
                alpha: float = 1e-3) -> float:
-    """Fit ridge Y ~ X on the training rows, return the variance-weighted R^2 on the test rows
-    (1 - total squared error / total variance of Y_test around its own mean)."""
-    from sklearn.linear_model import Ridge
-
+    """Fit ridge Y ~ X (closed form, no extra intercept: put one in X) on the training rows and return the
+    variance-weighted R^2 on the test rows: 1 - total squared error / total variance of Y_test around its mean."""
     if len(X_train) != len(Y_train) or len(X_test) != len(Y_test):
         raise ValueError("X and Y must have the same number of rows")
-    fit = Ridge(alpha=alpha, fit_intercept=False).fit(X_train, Y_train)
-    resid = Y_test - fit.predict(X_test)
+    if X_train.shape[1] != X_test.shape[1]:
+        raise ValueError(f"train and test designs differ in width: {X_train.shape[1]} vs {X_test.shape[1]}")
+    gram = X_train.T @ X_train + alpha * np.eye(X_train.shape[1])
+    weights = np.linalg.solve(gram, X_train.T @ Y_train)
+    resid = Y_test - X_test @ weights
     total = ((Y_test - Y_test.mean(0)) ** 2).sum()
     return float(1 - (resid ** 2).sum() / total)
 
@@ -421,3 +422,72 @@ def faithfulness(predicted: Tensor | Sequence[int], target: Tensor | Sequence[in
     if predicted.shape != target.shape or predicted.numel() == 0:
         raise ValueError(f"need two non-empty id lists of the same length; got {tuple(predicted.shape)}, {tuple(target.shape)}")
     return float((predicted == target).float().mean())
+
+
+def choose_beta(model, lre: LinearRelation, targets: Tensor, betas: Sequence[float], rows: slice | Sequence[int]) -> float:
+    """The beta (from `betas`) whose LRE outputs give the highest mean log-probability to `targets` on the
+    given rows of the `apply_to` vectors (use training rows only)."""
+    if len(betas) == 0:
+        raise ValueError("betas is empty")
+    targets = torch.as_tensor(targets)
+    scores = []
+    for beta in betas:
+        logp = I.unembed(model, lre(beta=beta)[rows]).log_softmax(-1)
+        scores.append(logp.gather(1, targets[:, None]).mean().item())
+    return float(betas[int(np.argmax(scores))])
+
+
+def lre_layer_sweep(model, template: str, train: Sequence[str], test: Sequence[str], layers: Sequence[int],
+                    betas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)) -> list[dict]:
+    """Faithfulness on held-out `test` subjects of an LRE fitted on `train` subjects, at each layer, against
+    two baselines: identity (decode s itself) and translation (decode s + mean(z - s) over train).
+
+    The target of each test subject is the model's own top token on its prompt. beta is chosen per layer on
+    the training subjects (``choose_beta``). Returns one dict per layer."""
+    subjects = list(train) + list(test)
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError("need at least one training and one test subject")
+    H, Z = subject_states(model, template, subjects, layers)  # [n_sel_layers, n, d], [n, d]
+    targets = decode_top(model, Z)
+    n_tr = len(train)
+    rows = []
+    for li, layer in enumerate(layers):
+        h = H[li]
+        lre = estimate_lre(model, template, list(train), layer, apply_to=h)
+        beta = choose_beta(model, lre, targets[:n_tr], betas, slice(0, n_tr))
+        shift = (Z[:n_tr] - h[:n_tr]).mean(0)
+        rows.append(dict(
+            layer=layer, beta=beta,
+            lre=faithfulness(decode_top(model, lre(beta=beta)[n_tr:]), targets[n_tr:]),
+            lre_train=faithfulness(decode_top(model, lre(beta=beta)[:n_tr]), targets[:n_tr]),
+            identity=faithfulness(decode_top(model, h[n_tr:]), targets[n_tr:]),
+            translation=faithfulness(decode_top(model, h[n_tr:] + shift), targets[n_tr:]),
+        ))
+    return rows
+
+
+@torch.no_grad()
+def known_facts(model, template: str, samples: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
+    """The (subject, object) samples whose object's first token (with a leading space) is the model's top
+    next token after ``template.format(subject)``: the facts the model knows, as Hernandez et al. evaluate."""
+    samples = [tuple(s) for s in samples]
+    if not samples or any(len(s) != 2 for s in samples):
+        raise ValueError("samples must be a non-empty list of (subject, object) pairs")
+    top = I.logits(model, [template.format(s) for s, _ in samples]).argmax(-1).tolist()
+    first = [model.tokenizer.encode(" " + o, add_special_tokens=False)[0] for _, o in samples]
+    return [s for s, t, f in zip(samples, top, first) if t == f]
+
+
+def graded_prompts(concepts: dict) -> dict[str, np.ndarray]:
+    """Fill every template with every word of every level: arrays prompt, concept, template (index), level.
+
+    `concepts` maps a name to {"levels": [[words of level 0], [level 1], ...], "templates": ["... {} ..."]}."""
+    rows = []
+    for name, spec in concepts.items():
+        for t, template in enumerate(spec["templates"]):
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} of {name!r} must contain exactly one '{{}}'")
+            for level, words in enumerate(spec["levels"]):
+                rows += [(template.format(w), name, t, level) for w in words]
+    prompt, concept, template, level = zip(*rows)
+    return dict(prompt=np.array(prompt), concept=np.array(concept), template=np.array(template), level=np.array(level))

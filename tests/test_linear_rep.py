@@ -172,17 +172,44 @@ def test_hidden_to_output_reproduces_the_model(model):
         LR.hidden_to_output(model, EIFFEL, model.cfg.n_layers, pos)  # h must enter a block
 
 
-def test_lre_jvp_matches_finite_differences_and_full_jacobian(model):
+def test_lre_jvp_matches_finite_differences(model):
     tpl = "The {} is located in the city of"
     layer = model.cfg.n_layers - 3  # few layers after it: fast
     pos = LR.subject_position(model, tpl, "Eiffel Tower")
     fn, h, z = LR.hidden_to_output(model, tpl.format("Eiffel Tower"), layer, pos)
     v = torch.randn(1, model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * h.norm() / 24
     with torch.no_grad():
-        _, jv = LR.jvp_batch(fn, h, v)
+        _, jv = LR.jvp_batch(fn, h, torch.cat([h[None], v]))
         fd = (fn(h + 1e-2 * v[0]) - fn(h - 1e-2 * v[0])) / 2e-2
-    assert (fd - jv[0]).norm() / jv[0].norm() < 1e-2
+    assert (fd - jv[1]).norm() / jv[1].norm() < 1e-2
     lre = LR.estimate_lre(model, tpl, ["Eiffel Tower"], layer, apply_to=v)
-    # one example: bias = z - J h, and beta = 1 maps h back to z exactly
-    assert torch.allclose(lre.bias + lre.applied[0] * 0, z - (lre.z_train[0] - lre.bias), atol=1e-4)
-    assert torch.allclose(lre.applied[0], jv[0], atol=1e-4)
+    assert torch.allclose(lre.bias, z - jv[0], atol=1e-3)        # bias = z - J h
+    assert torch.allclose(lre.applied[0], jv[1], atol=1e-3)      # W v = J v
+    # with one example and beta = 1 the LRE reproduces that example's output exactly
+    lre_h = LR.estimate_lre(model, tpl, ["Eiffel Tower"], layer, apply_to=h[None])
+    assert torch.allclose(lre_h(beta=1.0)[0], z, atol=1e-3)
+
+
+def test_full_jacobian_lre_matches_the_jvp_lre(model):
+    tpl = "The {} is located in the city of"
+    layer = model.cfg.n_layers - 1  # one block after it: the full Jacobian is cheap
+    subjects = ["Colosseum"]
+    H, Z = LR.subject_states(model, tpl, subjects, [layer])
+    lazy = LR.estimate_lre(model, tpl, subjects, layer, apply_to=H[0])
+    full = LR.estimate_lre(model, tpl, subjects, layer, apply_to=H[0], full=True, chunk_size=192)
+    assert full.weight.shape == (model.cfg.d_model, model.cfg.d_model)
+    assert torch.allclose(full.applied, lazy.applied, atol=1e-3, rtol=1e-3)
+    assert torch.allclose(full.bias, lazy.bias, atol=1e-3, rtol=1e-3)
+    assert torch.allclose(full(H[0]), lazy(), atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="apply_to"):
+        LR.estimate_lre(model, tpl, subjects, layer)
+
+
+def test_known_facts_and_graded_prompts(model):
+    known = LR.known_facts(model, "The capital of {} is", [("France", "Paris"), ("France", "Berlin")])
+    assert known == [("France", "Paris")]
+    g = LR.graded_prompts({"c": {"levels": [["a"], ["b", "c"]], "templates": ["x {}.", "y {}."]}})
+    assert list(g["prompt"]) == ["x a.", "x b.", "x c.", "y a.", "y b.", "y c."]
+    assert list(g["level"]) == [0, 1, 1, 0, 1, 1] and list(g["template"]) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="exactly one"):
+        LR.graded_prompts({"c": {"levels": [["a"]], "templates": ["no slot"]}})
