@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import interventions as I
 from helpers import linear_rep as LR
 from tests.conftest import EIFFEL
 
@@ -166,7 +167,10 @@ def test_hidden_to_output_reproduces_the_model(model):
     tpl = "The {} is located in the city of"
     pos = LR.subject_position(model, tpl, "Eiffel Tower")
     fn, h, z = LR.hidden_to_output(model, EIFFEL, 12, pos)
+    before = I.logits(model, EIFFEL)
     assert torch.allclose(fn(h), z, atol=1e-4)
+    fn(h * 3)  # the forward pass stops early (an exception inside a hook): its hooks must still be removed
+    assert torch.equal(I.logits(model, EIFFEL), before)
     assert model.tokenizer.decode([LR.decode_top(model, z[None])[0].item()]) == " Paris"
     with pytest.raises(IndexError):
         LR.hidden_to_output(model, EIFFEL, model.cfg.n_layers, pos)  # h must enter a block
