@@ -433,19 +433,21 @@ def _matrix(m) -> Tensor:
     return t.cpu()
 
 
-def singular_values(m) -> Tensor:
-    return torch.linalg.svdvals(_matrix(m).double()).float()
+def singular_values(m, double: bool = False) -> Tensor:
+    """Singular values, largest first (float32 LAPACK unless double=True)."""
+    t = _matrix(m)
+    return torch.linalg.svdvals(t.double() if double else t).float()
 
 
-def sv_entropy(m, normalized: bool = False) -> float:
-    """Shannon entropy (nats) of the singular values normalised to sum 1; with normalized=True divided by
-    log(min(shape)) so that 1 means a flat spectrum. The zero matrix raises."""
+def sv_entropy(m, normalized: bool = False, rtol: float = 1e-6) -> float:
+    """Shannon entropy (nats) of the singular values normalised to sum 1 (values below rtol x the largest
+    count as zero); with normalized=True divided by log(min(shape)) so that 1 means a flat spectrum.
+    The zero matrix raises."""
     s = singular_values(m).double()
-    total = s.sum()
-    if total <= 0:
+    if s[0] <= 0:
         raise ValueError("the zero matrix has no singular-value distribution")
-    p = s / total
-    p = p[p > 0]
+    s = s[s > rtol * s[0]]
+    p = s / s.sum()
     h = float(-(p * p.log()).sum())
     if normalized:
         n = min(_matrix(m).shape)
@@ -456,6 +458,21 @@ def sv_entropy(m, normalized: bool = False) -> float:
 def effective_rank(m) -> float:
     """exp(entropy of the normalised singular values) (Roy & Vetterli 2007): 1 for rank one, n for the identity."""
     return float(np.exp(sv_entropy(m)))
+
+
+def top_singular_norm(m, r: int) -> float:
+    """sqrt(sum of the top-r squared singular values): the largest <G, X> over rank-r X with ||X||_F = 1
+    (randomised SVD, exact when rank(m) <= r + 6)."""
+    t = _matrix(m)
+    if not 1 <= r <= min(t.shape):
+        raise ValueError(f"r must be within 1..{min(t.shape)}")
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        _, s, _ = torch.svd_lowrank(t, q=min(r + 6, min(t.shape)), niter=3)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return float(s[:r].pow(2).sum().sqrt())
 
 
 def numerical_rank(m, rtol: float = 1e-5) -> int:
@@ -470,13 +487,13 @@ def numerical_rank(m, rtol: float = 1e-5) -> int:
 
 def right_vectors(m, k: int | None = None) -> Tensor:
     """The top-k right singular vectors of m as columns [in, k]."""
-    _, _, vh = torch.linalg.svd(_matrix(m).double(), full_matrices=False)
-    return vh[:k].T.float() if k else vh.T.float()
+    _, _, vh = torch.linalg.svd(_matrix(m), full_matrices=False)
+    return vh[:k].T if k else vh.T
 
 
 def left_vectors(m, k: int | None = None) -> Tensor:
-    u, _, _ = torch.linalg.svd(_matrix(m).double(), full_matrices=False)
-    return u[:, :k].float() if k else u.float()
+    u, _, _ = torch.linalg.svd(_matrix(m), full_matrices=False)
+    return u[:, :k] if k else u
 
 
 def subspace_similarity(m1, m2, side: str = "right", max_i: int | None = None, max_j: int | None = None) -> np.ndarray:
@@ -552,8 +569,9 @@ def amplification(W, dW, r: int, generator: torch.Generator | None = None) -> di
 # intruder dimensions (Shuttleworth et al. 2024)
 
 
-def max_cosines(W0, W1, k: int = 10, side: str = "left") -> np.ndarray:
-    """For each of the top-k singular vectors of W1, its largest |cosine| with any singular vector of W0."""
+def max_cosines(W0, W1, k: int = 10, side: str = "left", basis0: Tensor | None = None) -> np.ndarray:
+    """For each of the top-k singular vectors of W1, its largest |cosine| with any singular vector of W0
+    (`basis0`: W0's singular vectors as columns, if already computed)."""
     if side not in ("right", "left"):
         raise ValueError("side must be 'right' or 'left'")
     W0, W1 = _matrix(W0), _matrix(W1)
@@ -562,7 +580,8 @@ def max_cosines(W0, W1, k: int = 10, side: str = "left") -> np.ndarray:
     if not 1 <= k <= min(W0.shape):
         raise ValueError(f"k must be within 1..{min(W0.shape)}")
     get = left_vectors if side == "left" else right_vectors
-    return (get(W1, k).T.double() @ get(W0).double()).abs().max(1).values.numpy()
+    basis0 = get(W0) if basis0 is None else basis0.cpu()
+    return (get(W1, k).T.double() @ basis0.double()).abs().max(1).values.numpy()
 
 
 def intruder_dimensions(W0, W1, k: int = 10, eps: float = 0.5, side: str = "left") -> int:
@@ -573,10 +592,11 @@ def intruder_dimensions(W0, W1, k: int = 10, eps: float = 0.5, side: str = "left
     return int((max_cosines(W0, W1, k, side) < eps).sum())
 
 
-def random_direction_max_cosine(W0, n: int = 200, side: str = "left", generator: torch.Generator | None = None) -> np.ndarray:
+def random_direction_max_cosine(W0, n: int = 200, side: str = "left", generator: torch.Generator | None = None,
+                                basis0: Tensor | None = None) -> np.ndarray:
     """max |cos| of `n` random unit vectors with W0's singular vectors: how low a score chance gives."""
     W0 = _matrix(W0)
-    basis = left_vectors(W0) if side == "left" else right_vectors(W0)
+    basis = basis0.cpu() if basis0 is not None else (left_vectors(W0) if side == "left" else right_vectors(W0))
     x = torch.randn(basis.shape[0], n, generator=generator, dtype=torch.float64)
     x = x / x.norm(dim=0)
     return (x.T @ basis.double()).abs().max(1).values.numpy()
@@ -658,7 +678,7 @@ def rome_edit(W, key: Tensor, value: Tensor, C: Tensor | None = None) -> Tensor:
     """The rank-one ΔW = (v - W k) (C^{-1} k)^T / (k^T C^{-1} k) (Meng et al. 2022, eq. 2) so that
     (W + ΔW) k = v exactly, while keys C^{-1}-orthogonal to k are untouched. C = None: the identity."""
     W = _matrix(W)
-    key, value = torch.as_tensor(key).float().flatten(), torch.as_tensor(value).float().flatten()
+    key, value = torch.as_tensor(key).float().flatten().cpu(), torch.as_tensor(value).float().flatten().cpu()
     if key.shape[0] != W.shape[1] or value.shape[0] != W.shape[0]:
         raise ValueError(f"key {tuple(key.shape)} / value {tuple(value.shape)} do not fit W {tuple(W.shape)}")
     u = key.double() if C is None else torch.linalg.solve(_matrix(C).double(), key.double())
@@ -745,3 +765,42 @@ def read_back(dW, probe_keys: Tensor, top: int = 10) -> ReadBack:
     order = scores.argsort(descending=True)[:top].tolist()
     written = dW @ probe_keys[order[0]].float()
     return ReadBack(numerical_rank(dW), effective_rank(dW), scores, order, written)
+
+
+@contextmanager
+def adding_to_output(model, name: str, vector: Tensor, positions: Tensor) -> Iterator[None]:
+    """While inside, add `vector` [d_out] to module `name`'s output at `positions` (one index per batch row)."""
+    module = get_module(model, name)
+    positions = torch.as_tensor(positions).long()
+
+    def hook(mod, args, out):
+        if out.shape[0] != positions.shape[0]:
+            raise ValueError(f"{positions.shape[0]} positions for a batch of {out.shape[0]}")
+        out = out.clone()
+        rows = torch.arange(out.shape[0])
+        out[rows, positions] = out[rows, positions] + vector.to(out.dtype).to(out.device)
+        return out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def default_types(model) -> list[str]:
+    """The query, value (Hu et al. 2021 adapt these) and MLP-output matrices of a block, found by name;
+    a fused query-key-value matrix stands for both. Falls back to every matrix type."""
+    types = module_types(model)
+    found = []
+    for keys in (("q_proj", "query", ".q", "c_attn", "query_key_value", "qkv"), ("v_proj", "value", ".v")):
+        hit = next((t for t in types if any(t.endswith(k) for k in keys)), None)
+        if hit and hit not in found:
+            found.append(hit)
+    try:
+        out = split_name(mlp_out_name(model, 0))[1]
+        if out not in found:
+            found.append(out)
+    except ValueError:
+        pass
+    return found if found else types

@@ -180,3 +180,9 @@ def test_lora_and_full_training_leave_the_model_unchanged(hf):
         lora.train_lora(model, prefix, rank=0, layers=[top], types=["mlp.down_proj"])
     with pytest.raises(ValueError):
         lora.train_full(model, prefix, layers=[top - 1], types=["mlp.down_proj"])  # below the prefix
+
+
+def test_top_singular_norm_matches_the_exact_svd():
+    m = randn(60, 5) @ randn(5, 40)
+    s = torch.linalg.svdvals(m)
+    assert lora.top_singular_norm(m, 3) == pytest.approx(s[:3].pow(2).sum().sqrt().item(), rel=1e-4)
