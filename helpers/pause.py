@@ -5,7 +5,7 @@ pause positions hold, and train a tiny transformer on a synthetic 3SUM task with
     tasks = pause.load_tasks()                                   # data/pause_tasks.json
     fill = pause.filler_ids(model.tokenizer, "dots", 8)          # eight " ." tokens
     batch = pause.build_batch(model.tokenizer, tasks["arithmetic"], fill)
-    scores = pause.score_suffixes(hf_model, tok, tasks["facts"], {"k=0": [], "k=4": fill[:4]})
+    scores = pause.score_pauses(hf_model, tok, tasks["facts"], {"dots": fill}, ks=[0, 4, 8])
 
 References: Goyal et al. 2023, "Think before you speak: training language models with pause tokens"
 (arXiv 2310.02226); Pfau, Merrill & Bowman 2024, "Let's think dot by dot" (arXiv 2404.15758).
@@ -89,8 +89,8 @@ def make_task_file(path: str | Path | None = None, seed: int = 0) -> Path:
         listing = ", ".join(f"{words[w]} {p}" for w, p in zip(chosen, prices))
         lists.append(dict(question=f"Prices: {listing}. The {words[chosen[ask]]}", answer=str(prices[ask])))
     tasks = {
-        "arithmetic": dict(prefix="2 + 5 = 7\n8 - 3 = 5\n", alt_prefix="4 + 4 = 8\n9 - 6 = 3\n", cue=" = ", items=arithmetic,
-                           note="single-digit sums and differences, two worked examples"),
+        "arithmetic": dict(prefix="2 + 5 = 7\n8 - 3 = 5\n", alt_prefix="4 + 4 = 8\n9 - 6 = 3\n", cue=" = ",
+                           items=arithmetic, note="single-digit sums and differences, two worked examples"),
         "facts": dict(prefix="The capital of Italy is Rome.\nThe capital of Germany is Berlin.\n",
                       alt_prefix="The capital of India is Delhi.\nThe capital of Italy is Rome.\n", cue=" is",
                       items=facts, note="one-hop facts: capitals, two worked examples"),
@@ -235,42 +235,60 @@ def paired_sources(answers: Sequence[int], seed: int = 0) -> tuple[np.ndarray, n
 # ---------------------------------------------------------------------------------------------
 # scoring, with a shared prefix computed once
 @torch.no_grad()
-def score_suffixes(hf_model, tokenizer, family: dict[str, Any], fillers: dict[Any, Sequence[int]],
-                   batch_size: int = 64) -> dict[Any, dict[str, np.ndarray]]:
-    """Answer log-prob and correctness of every item of `family` under each filler sequence in `fillers`
-    ({name: ids}), with the prefix + question run once and cached (a Hugging Face causal LM).
+def score_pauses(hf_model, tokenizer, family: dict[str, Any], runs: dict[str, Sequence[int]], ks: Sequence[int],
+                 batch_size: int = 64) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """Answer log-prob and correctness of every item of `family` with the first k tokens of each filler
+    run in `runs` ({kind: ids}) between question and cue, for each k in `ks` (a Hugging Face causal LM).
 
-    Returns {name: {"logprob": [n], "correct": [n]}}; the logits equal those of the full prompt."""
+    The prefix + question is run once per batch and cached; each run of fillers is then run once, and
+    for each k the cache is cut back to k fillers before the cue is read (a causal model's state after k
+    fillers does not depend on later ones). Returns {(kind, k): {"logprob": [n], "correct": [n]}}; the
+    numbers equal those of the full prompts (tests/test_pause.py checks this)."""
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 0:
+        raise ValueError(f"ks must be non-negative ints, got {ks}")
+    for kind, ids in runs.items():
+        if len(ids) < ks[-1]:
+            raise ValueError(f"run {kind!r} has {len(ids)} tokens, fewer than k = {ks[-1]}")
     cue = _ids(tokenizer, family["cue"])
     answers = torch.tensor([answer_token(tokenizer, it["answer"]) for it in family["items"]])
     prefixes = [[tokenizer.bos_token_id] + _ids(tokenizer, family["prefix"] + it["question"])
                 for it in family["items"]]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(hf_model.parameters()).device
-    out = {name: {"logprob": [], "correct": []} for name in fillers}
+    out = {(kind, k): {"logprob": [], "correct": []} for kind in runs for k in ks}
+
+    def step(ids: Tensor, mask: Tensor, first_pos: Tensor, cache):
+        pos = first_pos[:, None] + torch.arange(ids.shape[1], device=device)
+        return hf_model(input_ids=ids, attention_mask=torch.cat([mask, torch.ones_like(ids)], 1), position_ids=pos,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+
     for start in range(0, len(prefixes), batch_size):
         chunk = prefixes[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        tokens = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        n, width = len(chunk), max(len(p) for p in chunk)
+        tokens = torch.full((n, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
         for i, p in enumerate(chunk):
             tokens[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         position = (mask.cumsum(-1) - 1).clamp_min(0)
         tokens, mask, position = tokens.to(device), mask.to(device), position.to(device)
         cache = hf_model(input_ids=tokens, attention_mask=mask, position_ids=position, use_cache=True).past_key_values
-        ans = answers[start:start + len(chunk)].to(device)
-        for name, fill in fillers.items():
-            suffix = torch.tensor(list(fill) + cue, dtype=torch.long, device=device).expand(len(chunk), -1)
-            s = suffix.shape[1]
-            res = hf_model(input_ids=suffix, attention_mask=torch.cat([mask, torch.ones_like(suffix)], 1),
-                           position_ids=position[:, -1:] + 1 + torch.arange(s, device=device),
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = position[:, -1] + 1                       # position of the first token after the prefix
+        ans = answers[start:start + n].to(device)
+        cue_ids = torch.tensor(cue, dtype=torch.long, device=device).expand(n, -1)
+        for kind, ids in runs.items():
+            if ks[-1] > 0:
+                fill = torch.tensor(list(ids[:ks[-1]]), dtype=torch.long, device=device).expand(n, -1)
+                step(fill, mask, nxt, cache)
+            for k in reversed(ks):                       # longest first: each crop only removes positions
+                _crop(cache, width + k)
+                mask_k = torch.cat([mask, torch.ones((n, k), dtype=mask.dtype, device=device)], 1)
+                logp = step(cue_ids, mask_k, nxt + k, cache).logits[:, -1].float().log_softmax(-1)
+                out[kind, k]["logprob"].append(logp.gather(1, ans[:, None])[:, 0].cpu().numpy())
+                out[kind, k]["correct"].append((logp.argmax(-1) == ans).cpu().numpy())
             _crop(cache, width)
-            logp = res.logits[:, -1].float().log_softmax(-1)
-            out[name]["logprob"].append(logp.gather(1, ans[:, None])[:, 0].cpu().numpy())
-            out[name]["correct"].append((logp.argmax(-1) == ans).cpu().numpy())
-    return {name: {key: np.concatenate(v) for key, v in d.items()} for name, d in out.items()}
+    return {key: {name: np.concatenate(v) for name, v in d.items()} for key, d in out.items()}
 
 
 def _crop(cache, length: int) -> None:
@@ -351,19 +369,23 @@ def consecutive_cosine(resid: Tensor, positions: Sequence[int]) -> Tensor:
 
 
 @torch.no_grad()
-def lens_answer_logprob(model, resid: Tensor, answer_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Logit lens at many positions: resid [layer, batch, pos, d_model] -> (log p(answer), rank of answer),
-    each [layer, batch, pos] (rank 1 = top). One layer at a time, so memory stays small."""
+def lens_answer_logprob(model, resid: Tensor, answer_ids: Tensor, candidates: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor]:
+    """Logit lens at many positions: resid [layer, batch, pos, d_model] -> (log p(answer), rank of the
+    answer), each [layer, batch, pos]; rank 1 = top, among the whole vocabulary or, when `candidates`
+    (token ids) is given, among those candidates only (e.g. the ten digits). One layer at a time."""
     from helpers.interventions import unembed
 
     if resid.ndim != 4 or resid.shape[1] != len(answer_ids):
-        raise ValueError(f"resid must be [layer, batch, pos, d] with batch = {len(answer_ids)}, got {tuple(resid.shape)}")
+        raise ValueError(f"resid must be [layer, batch, pos, d] with batch = {len(answer_ids)}, "
+                         f"got {tuple(resid.shape)}")
     logps, ranks = [], []
     for layer_resid in resid:
         logp = unembed(model, layer_resid).float().log_softmax(-1)     # [batch, pos, vocab]
         target = logp.gather(-1, answer_ids.to(logp.device)[:, None, None].expand(-1, logp.shape[1], 1))
+        pool = logp if candidates is None else logp[..., candidates.to(logp.device)]
         logps.append(target[..., 0].cpu())
-        ranks.append(((logp > target).sum(-1) + 1).cpu())
+        ranks.append(((pool > target).sum(-1) + 1).cpu())
     return torch.stack(logps), torch.stack(ranks)
 
 
@@ -473,11 +495,11 @@ def three_sum_labels(x: Tensor, real: Tensor, mod: int = 10) -> dict[str, Tensor
         raise ValueError(f"x must be [batch, n, dim] and real [batch, n]; got {tuple(x.shape)}, {tuple(real.shape)}")
     n = x.shape[1]
     pairs = pair_index(n)
-    i = torch.tensor([p[0] for p in pairs])
-    j = torch.tensor([p[1] for p in pairs])
+    i = torch.tensor([p[0] for p in pairs], device=x.device)
+    j = torch.tensor([p[1] for p in pairs], device=x.device)
     complement = (-(x[:, i] + x[:, j])) % mod
     equal = (complement[:, :, None, :] == x[:, None, :, :]).all(-1)              # [batch, pairs, k]
-    k = torch.arange(n)
+    k = torch.arange(n, device=x.device)
     other = (k[None] != i[:, None]) & (k[None] != j[:, None])
     pair_real = real[:, i] & real[:, j]
     pair = (equal & other[None] & real[:, None, :] & pair_real[..., None]).any(-1)
@@ -489,7 +511,7 @@ def encode_three_sum(x: Tensor, real: Tensor, mod: int, n_fillers: int) -> Tenso
     """Input vectors [batch, n + n_fillers + 1, dim*mod + 4]: one-hot digits of each tuple, then flags
     (real tuple, blank, filler, answer). Vector inputs with a linear embedding, as in Pfau et al."""
     batch, n, dim = x.shape
-    feats = torch.zeros(batch, n + n_fillers + 1, dim * mod + 4)
+    feats = torch.zeros(batch, n + n_fillers + 1, dim * mod + 4, device=x.device)
     feats[:, :n, :dim * mod] = F.one_hot(x, mod).float().reshape(batch, n, dim * mod) * real[..., None]
     feats[:, :n, dim * mod] = real.float()
     feats[:, :n, dim * mod + 1] = (~real).float()
@@ -559,7 +581,7 @@ class ThreeSumConfig:
     batch_size: int = 128
     lr: float = 3e-3
     pos_scale: float = 0.1
-    copy_targets: bool = True      # supervised fillers also output x_i and x_j (besides the complement)
+    copy_targets: bool = False     # supervised fillers also output x_i and x_j (besides the complement)
 
     @property
     def n_pairs(self) -> int:
@@ -592,7 +614,7 @@ def three_sum_loss(model: TinyTransformer, x: Tensor, real: Tensor, cfg: ThreeSu
     supervise = condition == "filler + supervision" if supervise is None else supervise
     lab = three_sum_labels(x, real, cfg.mod)
     n, n_fill = x.shape[1], cfg.n_fillers(condition)
-    logits = model(encode_three_sum(x, real, cfg.mod, n_fill))
+    logits = model(encode_three_sum(x, real, cfg.mod, n_fill).to(x.device))
     answer = logits[:, -1, :2]
     loss = F.cross_entropy(answer, lab["label"])
     if supervise:
@@ -609,23 +631,27 @@ def three_sum_loss(model: TinyTransformer, x: Tensor, real: Tensor, cfg: ThreeSu
     return loss, answer.argmax(-1) == lab["label"]
 
 
-def train_three_sum(cfg: ThreeSumConfig, condition: str, seed: int = 0, progress: bool = False
-                    ) -> tuple[TinyTransformer, np.ndarray]:
+def train_three_sum(cfg: ThreeSumConfig, condition: str, seed: int = 0, progress: bool = False,
+                    device: str | torch.device = "cpu") -> tuple[TinyTransformer, np.ndarray]:
     """Train one TinyTransformer on fresh 3SUM batches: AdamW, linear warm-up over the first 10% of
-    steps, then cosine decay. Returns the model (in eval mode) and its loss at every step."""
+    steps, then cosine decay. Returns the model (in eval mode, on `device`) and its loss at every step."""
     from tqdm.auto import tqdm
 
-    model = make_three_sum_model(cfg, condition, seed)
+    model = make_three_sum_model(cfg, condition, seed).to(device)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     warm = max(1, cfg.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, cfg.steps - warm))))
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     losses = np.zeros(cfg.steps)
     model.train()
     for step in tqdm(range(cfg.steps), desc=condition, disable=not progress, mininterval=2.0, leave=False):
         x, real = three_sum_batch(cfg.batch_size, cfg.n_min, cfg.n_max, cfg.dim, cfg.mod, gen)
-        loss, _ = three_sum_loss(model, x, real, cfg, condition)
+        loss, _ = three_sum_loss(model, x.to(device), real.to(device), cfg, condition)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -645,8 +671,9 @@ def three_sum_accuracy(model: TinyTransformer, cfg: ThreeSumConfig, condition: s
     x_full = torch.zeros(n_eval, cfg.n_max, cfg.dim, dtype=x.dtype)
     real_full = torch.zeros(n_eval, cfg.n_max, dtype=torch.bool)
     x_full[:, :n], real_full[:, :n] = x[:, :n], real[:, :n]
-    _, correct = three_sum_loss(model, x_full, real_full, cfg, condition, supervise=False)
+    device = next(model.parameters()).device
+    _, correct = three_sum_loss(model, x_full.to(device), real_full.to(device), cfg, condition, supervise=False)
     label = three_sum_labels(x_full, real_full, cfg.mod)["label"].float().mean().item()
-    k = int(correct.sum())
+    k = int(correct.sum().item())
     low, high = wilson_interval(k, n_eval)
     return dict(n=n, accuracy=k / n_eval, low=low, high=high, baseline=max(label, 1 - label))

@@ -83,14 +83,16 @@ def test_cached_scoring_equals_full_prompt_logits(model):
 
     hf, tok = helpers.load_hf()
     fam = pause.subsample(pause.load_tasks()["lists"], 3, seed=1)
-    fills = {"none": [], "dots": pause.filler_ids(tok, "dots", 3)}
-    scores = pause.score_suffixes(hf, tok, fam, fills, batch_size=2)   # two chunks, left padding
-    for name, fill in fills.items():
-        b = pause.build_batch(tok, fam, fill)
+    runs = {"dots": pause.filler_ids(tok, "dots", 4), "meaningful": pause.filler_ids(tok, "meaningful", 4)}
+    scores = pause.score_pauses(hf, tok, fam, runs, ks=[0, 1, 4], batch_size=2)   # two chunks, left padding
+    for (kind, k), s in scores.items():
+        b = pause.build_batch(tok, fam, runs[kind][:k])
         logp = I.logits(model, b.tokens).log_softmax(-1)
         ref = logp.gather(1, b.answer_ids[:, None])[:, 0].numpy()
-        assert np.allclose(scores[name]["logprob"], ref, atol=1e-3)
-        assert (scores[name]["correct"] == (logp.argmax(-1) == b.answer_ids).numpy()).all()
+        assert np.allclose(s["logprob"], ref, atol=1e-3), (kind, k)
+        assert (s["correct"] == (logp.argmax(-1) == b.answer_ids).numpy()).all()
+    with pytest.raises(ValueError):
+        pause.score_pauses(hf, tok, fam, runs, ks=[0, 8])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,8 +164,12 @@ def test_lens_at_the_last_layer_is_the_model_output(model):
     answers = torch.tensor([I.token_id(model, " Paris"), I.token_id(model, " five")])
     logp, rank = pause.lens_answer_logprob(model, resid, answers)
     ref = I.logits(model, tokens, pos=None).log_softmax(-1)
-    assert torch.allclose(logp[0], ref.gather(-1, answers[:, None, None].expand(-1, ref.shape[1], 1))[..., 0], atol=1e-3)
+    target = ref.gather(-1, answers[:, None, None].expand(-1, ref.shape[1], 1))[..., 0]
+    assert torch.allclose(logp[0], target, atol=1e-3)
     assert rank[0, 0, -1] == 1                        # " Paris" is the top token after the prompt
+    pool = torch.tensor([I.token_id(model, w) for w in [" London", " Paris", " five", " Rome"]])
+    _, rank_pool = pause.lens_answer_logprob(model, resid, answers, candidates=pool)
+    assert rank_pool[0, 0, -1] == 1 and (rank_pool <= 4).all() and (rank_pool <= rank).all()
 
 
 # ---------------------------------------------------------------------------------------------
