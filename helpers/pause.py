@@ -273,7 +273,8 @@ def score_pauses(hf_model, tokenizer, family: dict[str, Any], runs: dict[str, Se
             mask[i, width - len(p):] = 1
         position = (mask.cumsum(-1) - 1).clamp_min(0)
         tokens, mask, position = tokens.to(device), mask.to(device), position.to(device)
-        cache = hf_model(input_ids=tokens, attention_mask=mask, position_ids=position, use_cache=True).past_key_values
+        cache = hf_model(input_ids=tokens, attention_mask=mask, position_ids=position, use_cache=True,
+                         logits_to_keep=1).past_key_values
         nxt = position[:, -1] + 1                       # position of the first token after the prefix
         ans = answers[start:start + n].to(device)
         cue_ids = torch.tensor(cue, dtype=torch.long, device=device).expand(n, -1)
@@ -432,7 +433,10 @@ def rank_gain(rows: Tensor, n_base: int, ks: Sequence[int], measure=effective_ra
 
 # ---------------------------------------------------------------------------------------------
 # the synthetic task: 3SUM over tuples (Pfau, Merrill & Bowman 2024)
-CONDITIONS = ("no filler", "filler", "filler + supervision")
+CONDITIONS = ("no filler", "filler", "filler + supervision", "no filler + supervision")
+# "no filler + supervision" is a control beyond Pfau et al.: the same intermediate targets as "filler +
+# supervision" (every pair's match and complement), all read out at the answer position, with no extra positions.
+SUPERVISED = ("filler + supervision", "no filler + supervision")
 
 
 def pair_index(n: int) -> list[tuple[int, int]]:
@@ -553,13 +557,26 @@ class TinyTransformer(nn.Module):
         self.ln = nn.LayerNorm(d_model)
         self.unembed = nn.Linear(d_model, d_out)
 
-    def forward(self, x: Tensor, return_hidden: bool = False):
+    def forward(self, x: Tensor, return_hidden: bool = False, patch: tuple[Sequence[int], list[Tensor]] | None = None):
+        """logits [batch, pos, d_out]; with return_hidden, also the residual streams (embedding, then after
+        each block) and each block's attention output. patch = (positions, hidden): overwrite the stream at
+        `positions` with `hidden[l]` (from another run's return_hidden) before every block and at the end,
+        so those positions compute nothing of their own (activation patching)."""
         if x.shape[1] > self.pos.shape[0]:
             raise ValueError(f"sequence of {x.shape[1]} positions is longer than max_len {self.pos.shape[0]}")
         h = self.embed(x) + self.pos[:x.shape[1]]
+        if patch is not None:
+            positions, source = list(patch[0]), patch[1]
+            if len(source) != len(self.blocks) + 1 or source[0].shape != h.shape:
+                raise ValueError(f"patch needs {len(self.blocks) + 1} streams of shape {tuple(h.shape)}")
+            h = h.clone()
+            h[:, positions] = source[0][:, positions]
         hidden, attn_outs = [h], []
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
             h, attn = block(h)
+            if patch is not None:
+                h = h.clone()
+                h[:, positions] = source[layer + 1][:, positions]
             hidden.append(h)
             attn_outs.append(attn)
         logits = self.unembed(self.ln(h))
@@ -589,7 +606,18 @@ class ThreeSumConfig:
 
     def n_fillers(self, condition: str) -> int:
         _check_condition(condition)
-        return 0 if condition == "no filler" else self.n_pairs
+        return self.n_pairs if condition in ("filler", "filler + supervision") else 0
+
+    @property
+    def pair_block(self) -> int:
+        """Outputs per supervised pair: match (2), then the complement (and with copy_targets x_i, x_j)."""
+        return 2 + (3 if self.copy_targets else 1) * self.dim * self.mod
+
+    def d_out(self, condition: str) -> int:
+        """Output width: the answer (2), then one pair block (at each filler) or every pair's block (at the
+        answer position, for "no filler + supervision")."""
+        _check_condition(condition)
+        return 2 + (self.n_pairs if condition == "no filler + supervision" else 1) * self.pair_block
 
 
 def _check_condition(condition: str) -> None:
@@ -598,33 +626,38 @@ def _check_condition(condition: str) -> None:
 
 
 def make_three_sum_model(cfg: ThreeSumConfig, condition: str, seed: int = 0) -> TinyTransformer:
-    """A fresh TinyTransformer sized for `cfg` (outputs: answer 2 | pair match 2 | complement, x_i, x_j:
-    dim x mod each)."""
-    torch.manual_seed(seed)
-    return TinyTransformer(cfg.dim * cfg.mod + 4, 4 + 3 * cfg.dim * cfg.mod, cfg.n_max + cfg.n_fillers(condition) + 1,
-                           cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.pos_scale)
+    """A fresh TinyTransformer sized for `cfg` and `condition` (outputs: see `ThreeSumConfig.d_out`)."""
+    with torch.random.fork_rng():                  # seeded, without disturbing the caller's random stream
+        torch.manual_seed(seed)
+        return TinyTransformer(cfg.dim * cfg.mod + 4, cfg.d_out(condition), cfg.n_max + cfg.n_fillers(condition) + 1,
+                               cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.pos_scale)
 
 
 def three_sum_loss(model: TinyTransformer, x: Tensor, real: Tensor, cfg: ThreeSumConfig, condition: str,
-                   supervise: bool | None = None) -> tuple[Tensor, Tensor]:
+                   supervise: bool | None = None, lab: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """(loss, correct [batch]). The loss is the answer's cross-entropy; with "filler + supervision" each
     filler position (i, j) also predicts whether its pair completes a triple, the complement -(x_i + x_j)
-    and (with cfg.copy_targets) x_i and x_j: dense, parallelisable intermediate targets."""
+    and (with cfg.copy_targets) x_i and x_j: dense, parallelisable intermediate targets. "no filler +
+    supervision" asks the answer position for all those targets at once. supervise=False: answer only.
+    lab: `three_sum_labels(x, real, cfg.mod)` when already computed."""
     _check_condition(condition)
-    supervise = condition == "filler + supervision" if supervise is None else supervise
-    lab = three_sum_labels(x, real, cfg.mod)
+    supervise = condition in SUPERVISED if supervise is None else supervise
+    lab = three_sum_labels(x, real, cfg.mod) if lab is None else lab
     n, n_fill = x.shape[1], cfg.n_fillers(condition)
     logits = model(encode_three_sum(x, real, cfg.mod, n_fill).to(x.device))
     answer = logits[:, -1, :2]
     loss = F.cross_entropy(answer, lab["label"])
     if supervise:
-        out = logits[:, n:n + n_fill]
+        if condition == "no filler + supervision":     # [batch, n_pairs, pair_block] at the answer position
+            out = logits[:, -1, 2:].reshape(x.shape[0], -1, cfg.pair_block)
+        else:                                          # [batch, n_pairs, pair_block] at the filler positions
+            out = logits[:, n:n + n_fill, 2:2 + cfg.pair_block]
         weight = lab["pair_real"].reshape(-1).float()
-        aux = F.cross_entropy(out[..., 2:4].reshape(-1, 2), lab["pair"].reshape(-1), reduction="none")
+        aux = F.cross_entropy(out[..., :2].reshape(-1, 2), lab["pair"].reshape(-1), reduction="none")
         groups = [lab["complement"]] + ([lab["first"], lab["second"]] if cfg.copy_targets else [])
         for g, target in enumerate(groups):
             for c in range(cfg.dim):
-                start = 4 + (g * cfg.dim + c) * cfg.mod
+                start = 2 + (g * cfg.dim + c) * cfg.mod
                 aux = aux + F.cross_entropy(out[..., start:start + cfg.mod].reshape(-1, cfg.mod),
                                             target[..., c].reshape(-1), reduction="none") / cfg.dim
         loss = loss + (aux * weight).sum() / weight.sum().clamp_min(1)
@@ -632,15 +665,26 @@ def three_sum_loss(model: TinyTransformer, x: Tensor, real: Tensor, cfg: ThreeSu
 
 
 def train_three_sum(cfg: ThreeSumConfig, condition: str, seed: int = 0, progress: bool = False,
-                    device: str | torch.device = "cpu") -> tuple[TinyTransformer, np.ndarray]:
+                    device: str | torch.device = "cpu", threads: int | None = 1,
+                    chunk_steps: int = 100) -> tuple[TinyTransformer, np.ndarray]:
     """Train one TinyTransformer on fresh 3SUM batches: AdamW, linear warm-up over the first 10% of
-    steps, then cosine decay. Returns the model (in eval mode, on `device`) and its loss at every step."""
+    steps, then cosine decay. Returns the model (in eval mode, on `device`) and its loss at every step.
+
+    Batches are drawn `chunk_steps` at a time (one call, labels computed once), which is the same data as
+    drawing each batch on its own and faster. threads: torch CPU threads while training (a model this small
+    trains fastest on one, with no thread hand-offs per tiny operation; restored afterwards); None keeps
+    the current setting."""
     from tqdm.auto import tqdm
 
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if chunk_steps < 1:
+        raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
     model = make_three_sum_model(cfg, condition, seed).to(device)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     warm = max(1, cfg.steps // 10)
+
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
@@ -648,15 +692,29 @@ def train_three_sum(cfg: ThreeSumConfig, condition: str, seed: int = 0, progress
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     losses = np.zeros(cfg.steps)
-    model.train()
-    for step in tqdm(range(cfg.steps), desc=condition, disable=not progress, mininterval=2.0, leave=False):
-        x, real = three_sum_batch(cfg.batch_size, cfg.n_min, cfg.n_max, cfg.dim, cfg.mod, gen)
-        loss, _ = three_sum_loss(model, x.to(device), real.to(device), cfg, condition)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses[step] = loss.item()
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        model.train()
+        B = cfg.batch_size
+        for step in tqdm(range(cfg.steps), desc=condition, disable=not progress, mininterval=2.0, leave=False):
+            if step % chunk_steps == 0:
+                n_chunk = min(chunk_steps, cfg.steps - step) * B
+                xs, reals = three_sum_batch(n_chunk, cfg.n_min, cfg.n_max, cfg.dim, cfg.mod, gen)
+                xs, reals = xs.to(device), reals.to(device)
+                labs = three_sum_labels(xs, reals, cfg.mod)
+                perm = torch.randperm(n_chunk, generator=gen).to(device)   # mix positives and negatives
+            rows = perm[(step % chunk_steps) * B:(step % chunk_steps + 1) * B]
+            lab = {key: value[rows] for key, value in labs.items()}
+            loss, _ = three_sum_loss(model, xs[rows], reals[rows], cfg, condition, lab=lab)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses[step] = loss.item()
+    finally:
+        torch.set_num_threads(old_threads)
     return model.eval(), losses
 
 
@@ -677,3 +735,37 @@ def three_sum_accuracy(model: TinyTransformer, cfg: ThreeSumConfig, condition: s
     k = int(correct.sum().item())
     low, high = wilson_interval(k, n_eval)
     return dict(n=n, accuracy=k / n_eval, low=low, high=high, baseline=max(label, 1 - label))
+
+
+@torch.no_grad()
+def three_sum_filler_patch(model: TinyTransformer, cfg: ThreeSumConfig, condition: str, n: int,
+                           n_eval: int = 1000, seed: int = 4321) -> dict[str, float]:
+    """Do the filler positions carry the answer? Pair each held-out instance with one of the opposite label,
+    copy the other instance's filler streams (every layer) into its run, and count how often the answer
+    then follows the other instance's label ("follows_source"; 1 - follows_source keep their own, since the
+    labels are opposite). A model that reads the answer off its fillers follows the source (near 1); one
+    that ignores them keeps its own (near 0); a model at chance gives about 0.5 either way."""
+    _check_condition(condition)
+    if cfg.n_fillers(condition) == 0:
+        raise ValueError(f"the {condition!r} model has no filler positions to patch")
+    if not cfg.n_min <= n <= cfg.n_max:
+        raise ValueError(f"n = {n} is outside the trained range {cfg.n_min}..{cfg.n_max}")
+    m = n_eval + n_eval % 2
+    x, real = three_sum_batch(m, n, n, cfg.dim, cfg.mod, torch.Generator().manual_seed(seed))
+    x_full = torch.zeros(m, cfg.n_max, cfg.dim, dtype=x.dtype)
+    real_full = torch.zeros(m, cfg.n_max, dtype=torch.bool)
+    x_full[:, :n], real_full[:, :n] = x[:, :n], real[:, :n]
+    label = three_sum_labels(x_full, real_full, cfg.mod)["label"]
+    swap = torch.arange(m) ^ 1                                   # rows alternate positive / negative
+    if (label == label[swap]).any():
+        raise RuntimeError("paired rows do not have opposite labels")
+    device = next(model.parameters()).device
+    n_fill = cfg.n_fillers(condition)
+    feats = encode_three_sum(x_full, real_full, cfg.mod, n_fill).to(device)
+    logits, hidden, _ = model(feats, return_hidden=True)
+    fillers = list(range(cfg.n_max, cfg.n_max + n_fill))
+    patched = model(feats, patch=(fillers, [h[swap.to(device)] for h in hidden]))
+    clean_answer = logits[:, -1, :2].argmax(-1).cpu()
+    answer = patched[:, -1, :2].argmax(-1).cpu()
+    return dict(n=n, clean_accuracy=(clean_answer == label).float().mean().item(),
+                follows_source=(answer == label[swap]).float().mean().item())

@@ -226,3 +226,50 @@ def test_short_training_reduces_the_loss():
     assert 0 <= acc["low"] <= acc["accuracy"] <= acc["high"] <= 1
     with pytest.raises(ValueError):
         pause.three_sum_accuracy(model, cfg, "filler + supervision", 5)
+
+
+def test_toy_patching_identities():
+    cfg = pause.ThreeSumConfig(n_min=3, n_max=3, d_model=16, n_heads=2, n_layers=2)
+    model = pause.make_three_sum_model(cfg, "filler")
+    g = torch.Generator().manual_seed(0)
+    a = pause.encode_three_sum(*pause.three_sum_batch(6, 3, 3, generator=g), cfg.mod, 3)
+    b = pause.encode_three_sum(*pause.three_sum_batch(6, 3, 3, generator=g), cfg.mod, 3)
+    out_a, hid_a, _ = model(a, return_hidden=True)
+    _, hid_b, _ = model(b, return_hidden=True)
+    fillers = [3, 4, 5]
+    # patching a run with its own streams changes nothing
+    assert torch.allclose(model(a, patch=(fillers, hid_a)), out_a, atol=1e-6)
+    # patching the fillers from b: earlier positions untouched, patched positions hold b's streams
+    out, hid, _ = model(a, return_hidden=True, patch=(fillers, hid_b))
+    assert torch.allclose(out[:, :3], out_a[:, :3], atol=1e-6)
+    for h, hb in zip(hid, hid_b):
+        assert torch.equal(h[:, fillers], hb[:, fillers])
+    # patching every position gives b's run exactly
+    out_all = model(a, patch=(list(range(a.shape[1])), hid_b))
+    assert torch.allclose(out_all, model(b), atol=1e-5)
+    with pytest.raises(ValueError):
+        model(a, patch=(fillers, hid_b[:-1]))
+    res = pause.three_sum_filler_patch(model, cfg, "filler", 3, n_eval=100)
+    assert 0 <= res["follows_source"] <= 1 and 0 <= res["clean_accuracy"] <= 1
+    with pytest.raises(ValueError):
+        pause.three_sum_filler_patch(model, cfg, "no filler", 3)
+
+
+def test_supervised_conditions_share_targets():
+    cfg = pause.ThreeSumConfig(n_min=3, n_max=4, d_model=16, n_heads=2, n_layers=2)
+    assert cfg.pair_block == 2 + cfg.dim * cfg.mod
+    assert cfg.d_out("filler + supervision") == 2 + cfg.pair_block
+    assert cfg.d_out("no filler + supervision") == 2 + 6 * cfg.pair_block
+    assert cfg.n_fillers("no filler + supervision") == 0 and cfg.n_fillers("filler") == 6
+    x, real = pause.three_sum_batch(8, 3, 4, generator=torch.Generator().manual_seed(0))
+    for condition in pause.SUPERVISED:
+        model = pause.make_three_sum_model(cfg, condition, seed=0)
+        with_aux, _ = pause.three_sum_loss(model, x, real, cfg, condition)
+        answer_only, correct = pause.three_sum_loss(model, x, real, cfg, condition, supervise=False)
+        assert with_aux > answer_only > 0 and correct.shape == (8,)
+    # seeding a model leaves the caller's random stream alone
+    torch.manual_seed(5)
+    a = torch.rand(1)
+    torch.manual_seed(5)
+    pause.make_three_sum_model(cfg, "filler", seed=1)
+    assert torch.equal(torch.rand(1), a)
