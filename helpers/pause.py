@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +32,25 @@ FILLER_KINDS = ("dots", "newlines", "special", "meaningful")
 NEUTRAL_TEXT = (" The weather was mild and the streets were quiet that morning, so we walked slowly along"
                 " the river before breakfast and talked about the garden, the neighbours and the old bridge.")
 TASKS_FILE = "pause_tasks.json"
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch CPU threads (None: leave the setting alone), then restore the old count.
+
+    Many small operations (a KV-cached step of a few tokens, a tiny model's training step, the SVD of a
+    small matrix) gain almost nothing from a second thread, and when other processes keep the cores busy
+    every parallel region waits for the slowest thread: measured here, one thread scored section 1 of
+    notebook 05 in 26 s where two took 240 s on a shared 2-core machine."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"threads must be a positive int or None, got {n!r}")
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,14 +257,20 @@ def paired_sources(answers: Sequence[int], seed: int = 0) -> tuple[np.ndarray, n
 # scoring, with a shared prefix computed once
 @torch.no_grad()
 def score_pauses(hf_model, tokenizer, family: dict[str, Any], runs: dict[str, Sequence[int]], ks: Sequence[int],
-                 batch_size: int = 64) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+                 batch_size: int = 64, threads: int | None = 1) -> dict[tuple[str, int], dict[str, np.ndarray]]:
     """Answer log-prob and correctness of every item of `family` with the first k tokens of each filler
     run in `runs` ({kind: ids}) between question and cue, for each k in `ks` (a Hugging Face causal LM).
 
     The prefix + question is run once per batch and cached; each run of fillers is then run once, and
     for each k the cache is cut back to k fillers before the cue is read (a causal model's state after k
     fillers does not depend on later ones). Returns {(kind, k): {"logprob": [n], "correct": [n]}}; the
-    numbers equal those of the full prompts (tests/test_pause.py checks this)."""
+    numbers equal those of the full prompts (tests/test_pause.py checks this). threads: torch CPU threads
+    for these many small forward passes (see `torch_threads`; None: the current setting)."""
+    with torch_threads(threads):
+        return _score_pauses(hf_model, tokenizer, family, runs, ks, batch_size)
+
+
+def _score_pauses(hf_model, tokenizer, family, runs, ks, batch_size):
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 0:
         raise ValueError(f"ks must be non-negative ints, got {ks}")
@@ -397,7 +424,8 @@ def singular_values(matrix: Tensor | np.ndarray) -> Tensor:
     m = torch.as_tensor(matrix).detach().double()
     if m.ndim < 2:
         raise ValueError(f"need a matrix [m, n] or a stack [..., m, n], got shape {tuple(m.shape)}")
-    return torch.linalg.svdvals(m)
+    with torch_threads(1):     # small SVDs: threads gain nothing and stall on a busy CPU (see torch_threads)
+        return torch.linalg.svdvals(m)
 
 
 def effective_rank(matrix: Tensor | np.ndarray) -> float | np.ndarray:
@@ -672,12 +700,9 @@ def train_three_sum(cfg: ThreeSumConfig, condition: str, seed: int = 0, progress
 
     Batches are drawn `chunk_steps` at a time (one call, labels computed once), which is the same data as
     drawing each batch on its own and faster. threads: torch CPU threads while training (a model this small
-    trains fastest on one, with no thread hand-offs per tiny operation; restored afterwards); None keeps
-    the current setting."""
+    trains about as fast on one, and far faster on a busy CPU: see `torch_threads`); None: the current setting."""
     from tqdm.auto import tqdm
 
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     if chunk_steps < 1:
         raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
     model = make_three_sum_model(cfg, condition, seed).to(device)
@@ -692,10 +717,7 @@ def train_three_sum(cfg: ThreeSumConfig, condition: str, seed: int = 0, progress
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     losses = np.zeros(cfg.steps)
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         model.train()
         B = cfg.batch_size
         for step in tqdm(range(cfg.steps), desc=condition, disable=not progress, mininterval=2.0, leave=False):
@@ -713,8 +735,6 @@ def train_three_sum(cfg: ThreeSumConfig, condition: str, seed: int = 0, progress
             opt.step()
             sched.step()
             losses[step] = loss.item()
-    finally:
-        torch.set_num_threads(old_threads)
     return model.eval(), losses
 
 
