@@ -764,7 +764,8 @@ def three_sum_filler_patch(model: TinyTransformer, cfg: ThreeSumConfig, conditio
     copy the other instance's filler streams (every layer) into its run, and count how often the answer
     then follows the other instance's label ("follows_source"; 1 - follows_source keep their own, since the
     labels are opposite). A model that reads the answer off its fillers follows the source (near 1); one
-    that ignores them keeps its own (near 0); a model at chance gives about 0.5 either way."""
+    that ignores them keeps its own (near 0); a model at chance gives about 0.5 either way. Returns n, the
+    clean accuracy, follows_source and its Wilson 95% interval (follows_low, follows_high)."""
     _check_condition(condition)
     if cfg.n_fillers(condition) == 0:
         raise ValueError(f"the {condition!r} model has no filler positions to patch")
@@ -787,5 +788,7 @@ def three_sum_filler_patch(model: TinyTransformer, cfg: ThreeSumConfig, conditio
     patched = model(feats, patch=(fillers, [h[swap.to(device)] for h in hidden]))
     clean_answer = logits[:, -1, :2].argmax(-1).cpu()
     answer = patched[:, -1, :2].argmax(-1).cpu()
-    return dict(n=n, clean_accuracy=(clean_answer == label).float().mean().item(),
-                follows_source=(answer == label[swap]).float().mean().item())
+    follows = int((answer == label[swap]).sum().item())
+    low, high = wilson_interval(follows, m)
+    return dict(n=n, clean_accuracy=(clean_answer == label).float().mean().item(), follows_source=follows / m,
+                follows_low=low, follows_high=high)

@@ -251,7 +251,7 @@ def test_toy_patching_identities():
     with pytest.raises(ValueError):
         model(a, patch=(fillers, hid_b[:-1]))
     res = pause.three_sum_filler_patch(model, cfg, "filler", 3, n_eval=100)
-    assert 0 <= res["follows_source"] <= 1 and 0 <= res["clean_accuracy"] <= 1
+    assert 0 <= res["follows_low"] <= res["follows_source"] <= res["follows_high"] <= 1 and 0 <= res["clean_accuracy"] <= 1
     with pytest.raises(ValueError):
         pause.three_sum_filler_patch(model, cfg, "no filler", 3)
 
