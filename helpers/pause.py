@@ -6,6 +6,10 @@ pause positions hold, and train a tiny transformer on a synthetic 3SUM task with
     fill = pause.filler_ids(model.tokenizer, "dots", 8)          # eight " ." tokens
     batch = pause.build_batch(model.tokenizer, tasks["arithmetic"], fill)
     scores = pause.score_pauses(hf_model, tok, tasks["facts"], {"dots": fill}, ks=[0, 4, 8])
+    cfg = pause.ThreeSumConfig(n_min=4, n_max=4, dim=6, mod=2, steps=800)
+    net, losses = pause.train_three_sum(cfg, "filler + supervision")   # also "no filler", "filler", ...
+    pause.three_sum_accuracy(net, cfg, "filler + supervision", n=4)   # held-out accuracy, Wilson interval
+    pause.three_sum_filler_patch(net, cfg, "filler + supervision", n=4)  # is the answer read off the fillers?
 
 References: Goyal et al. 2023, "Think before you speak: training language models with pause tokens"
 (arXiv 2310.02226); Pfau, Merrill & Bowman 2024, "Let's think dot by dot" (arXiv 2404.15758).
