@@ -18,6 +18,7 @@ touched.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import copy
 from typing import Any
 
 import numpy as np
@@ -83,24 +84,45 @@ def unit(v: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def activations_at(model, prompts: Sequence[str] | Tensor, layer: int, pos: int | None = -1,
+def activations_at(model, prompts: Sequence[str] | Tensor, layer: int | Sequence[int], pos: int | None = -1,
                    batch_size: int = 32) -> Tensor:
     """Residual stream entering `layer`: [n_prompts, d_model] at `pos` (default the last token), or with
-    pos=None every real token after BOS of every prompt stacked as [n_tokens, d_model] (no padding, no BOS)."""
-    layer = I.check_layer(model, layer, allow_final=True)
+    pos=None every real token after BOS of every prompt stacked as [n_tokens, d_model] (no padding, no BOS).
+    With a list of layers, one forward pass gives them all, stacked as [n_layers, ...]."""
+    several = not isinstance(layer, (int, np.integer)) or isinstance(layer, bool)
+    layers = [I.check_layer(model, int(l), allow_final=True) for l in (layer if several else [layer])]
     tokens = I.to_tokens(model, prompts)
     if pos is not None:
-        return I.residual_stream(model, tokens, layers=[layer], pos=pos, batch_size=batch_size)[0]
-    name = I.resid_name(model, layer)
+        out = I.residual_stream(model, tokens, layers=layers, pos=pos, batch_size=batch_size)
+        return out if several else out[0]
+    names = [I.resid_name(model, l) for l in layers]
     rows = []
     for start in range(0, tokens.shape[0], batch_size):
         chunk = tokens[start:start + batch_size]
         mask = I.attention_mask(model, chunk).bool()
-        _, cache = I.run_with_cache(model, chunk, name)
+        _, cache = I.run_with_cache(model, chunk, names)
+        acts = torch.stack([cache[n] for n in names])  # [layers, batch, pos, d]
         first = mask.float().argmax(1)  # the BOS of each left-padded row
         for b in range(chunk.shape[0]):
-            rows.append(cache[name][b, first[b] + 1:][mask[b, first[b] + 1:]])
-    return torch.cat(rows)
+            rows.append(acts[:, b, first[b] + 1:][:, mask[b, first[b] + 1:]])
+    out = torch.cat(rows, dim=1)
+    return out if several else out[0]
+
+
+@torch.no_grad()
+def last_token_run(model, prompts: Sequence[str], layers: Sequence[int], batch_size: int = 32) -> tuple[Tensor, Tensor]:
+    """One pass over `prompts` (in batches): the last token's residual stream at `layers`
+    [n_layers, n_prompts, d_model] and its next-token logits [n_prompts, vocab]. Keeps only the last
+    position, so a few hundred prompts fit in little memory."""
+    layers = [I.check_layer(model, int(l), allow_final=True) for l in layers]
+    names = [I.resid_name(model, l) for l in layers]
+    tokens = I.to_tokens(model, list(prompts))
+    acts, logits = [], []
+    for start in range(0, tokens.shape[0], batch_size):
+        out, cache = I.run_with_cache(model, tokens[start:start + batch_size], names)
+        acts.append(torch.stack([cache[n][:, -1] for n in names]))
+        logits.append(out[:, -1].float())
+    return torch.cat(acts, dim=1), torch.cat(logits)
 
 
 def fit_gaussian(samples: Tensor, shrinkage: bool = True) -> tuple[Tensor, Tensor]:
@@ -166,12 +188,17 @@ def covariance_directions(cov: Tensor, n: int, generator: torch.Generator | None
 # batched forward passes with one activation replaced
 
 
-def replace_hook(values: Tensor, pos: int):
-    """A hook writing values [batch, d_model] into the activation at position `pos` of each batch row."""
+def replace_hook(values: Tensor, pos: int, rows: Tensor | None = None):
+    """A hook writing values [n, d_model] into the activation at position `pos` of batch rows `rows`
+    (default: every row, n = batch)."""
     def hook(act: Tensor, hook: Any = None) -> Tensor:
-        if act.shape[0] != values.shape[0]:
-            raise ValueError(f"hook got batch {act.shape[0]}, expected {values.shape[0]}")
-        act[:, pos] = values.to(act.device, act.dtype)
+        n = act.shape[0] if rows is None else len(rows)
+        if n != values.shape[0]:
+            raise ValueError(f"hook got {n} rows to write, but {values.shape[0]} values")
+        if rows is None:
+            act[:, pos] = values.to(act.device, act.dtype)
+        else:
+            act[rows, pos] = values.to(act.device, act.dtype)
         return act
     return hook
 
@@ -180,73 +207,95 @@ def _final_hook_name(model) -> str:
     return I.resid_name(model, I.n_layers(model))
 
 
-@torch.no_grad()
-def _run_full(model, tokens: Tensor, layer: int, values: Tensor, pos: int) -> tuple[Tensor, Tensor]:
-    batch = tokens.expand(values.shape[0], -1)
-    store: dict[str, Tensor] = {}
-
+def _hooks(model, layers: Tensor, values: Tensor, pos: int, store: dict[str, Tensor]) -> list:
+    """One writing hook per distinct layer (each writes only its own rows), and one reading the final stream."""
     def keep(act: Tensor, hook: Any = None) -> None:
         store["final"] = act[:, -1].detach().clone()
 
-    logits = model.run_with_hooks(batch, fwd_hooks=[(I.resid_name(model, layer), replace_hook(values, pos)),
-                                                    (_final_hook_name(model), keep)])
+    hooks = []
+    for layer in sorted(set(layers.tolist())):
+        rows = torch.nonzero(layers == layer).flatten()
+        everyone = len(rows) == len(layers)
+        hooks.append((I.resid_name(model, layer),
+                      replace_hook(values if everyone else values[rows], pos, None if everyone else rows)))
+    return hooks + [(_final_hook_name(model), keep)]
+
+
+@torch.no_grad()
+def _run_full(model, tokens: Tensor, layers: Tensor, values: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+    store: dict[str, Tensor] = {}
+    logits = model.run_with_hooks(tokens.expand(values.shape[0], -1), fwd_hooks=_hooks(model, layers, values, pos, store))
     return logits[:, -1], store["final"]
 
 
 @torch.no_grad()
-def _run_kv(model, tokens: Tensor, layer: int, values: Tensor) -> tuple[Tensor, Tensor]:
-    """Only the last position changes, so the prefix runs once (batch 1) and each copy runs one token."""
+def _prefix_cache(model, tokens: Tensor):
     _, cache = model(tokens[:, :-1], return_type="logits_and_cache", use_cache=True)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         raise RuntimeError("this model returned no key/value cache")
+    return cache
+
+
+@torch.no_grad()
+def _run_kv(model, tokens: Tensor, layers: Tensor, values: Tensor, prefix) -> tuple[Tensor, Tensor]:
+    """Only the last position changes, so the prefix's keys and values (computed once, batch 1) are shared:
+    each copy runs one token."""
+    cache = copy.deepcopy(prefix)
     cache.batch_repeat_interleave(values.shape[0])
     store: dict[str, Tensor] = {}
-
-    def keep(act: Tensor, hook: Any = None) -> None:
-        store["final"] = act[:, -1].detach().clone()
-
     last = tokens[:, -1:].expand(values.shape[0], 1)
-    with model.hooks(fwd_hooks=[(I.resid_name(model, layer), replace_hook(values, -1)),
-                                (_final_hook_name(model), keep)]):
+    with model.hooks(fwd_hooks=_hooks(model, layers, values, -1, store)):
         logits = model(last, past_key_values=cache)
     return logits[:, -1], store["final"]
 
 
+def _check_layers(model, layer: int | Sequence[int], n: int) -> Tensor:
+    if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+        return torch.full((n,), I.check_layer(model, int(layer), allow_final=True))
+    if isinstance(layer, Tensor):
+        layer = layer.tolist()
+    if not isinstance(layer, Sequence) or len(layer) != n:
+        raise ValueError(f"layer must be an int or a sequence of one layer per row ({n} rows)")
+    return torch.tensor([I.check_layer(model, int(l), allow_final=True) for l in layer])
+
+
 @torch.no_grad()
-def run_with_activation(model, prompt: str | Tensor, layer: int, activations: Tensor, pos: int = -1,
-                        batch_size: int = 64, method: str = "auto") -> tuple[Tensor, Tensor]:
+def run_with_activation(model, prompt: str | Tensor, layer: int | Sequence[int], activations: Tensor,
+                        pos: int = -1, batch_size: int = 256, method: str = "auto") -> tuple[Tensor, Tensor]:
     """Run one prompt once per row of `activations` [n, d_model], each time writing that row into the
-    residual stream entering `layer` at position `pos`; returns the last position's logits [n, vocab] and
-    final residual stream [n, d_model].
+    residual stream entering `layer` (an int, or one layer per row) at position `pos`; returns the last
+    position's logits [n, vocab] and final residual stream [n, d_model].
 
     method: "kv" (the prefix before the last position is computed once and shared through a key/value
     cache; only for the last position), "full" (every copy runs the whole prompt), "auto" (kv when it
     applies and the model supports it, else full). `batch_size` copies go through the model at a time.
     """
     tokens = _check_prompt(model, prompt)
-    layer = I.check_layer(model, layer, allow_final=True)
     p = _check_position(tokens, pos)
     activations = _check_activations(model, activations)
+    layers = _check_layers(model, layer, activations.shape[0])
     if method not in ("auto", "kv", "full"):
         raise ValueError(f"method must be 'auto', 'kv' or 'full', got {method!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     last = p == tokens.shape[1] - 1
     if method == "kv" and not last:
         raise ValueError("method='kv' only works when the perturbed position is the last one")
-    use_kv = method == "kv" or (method == "auto" and last and getattr(model, "_plateaus_kv_ok", True))
+    prefix = None
+    if method == "kv" or (method == "auto" and last and getattr(model, "_plateaus_kv_ok", True)):
+        try:
+            prefix = _prefix_cache(model, tokens)
+        except (RuntimeError, TypeError, AttributeError, ValueError):
+            if method == "kv":
+                raise
+            model._plateaus_kv_ok = False  # remember: this model gives no usable cache, go the long way
     logits, finals = [], []
     for start in range(0, activations.shape[0], batch_size):
-        chunk = activations[start:start + batch_size]
-        if use_kv:
-            try:
-                out = _run_kv(model, tokens, layer, chunk)
-            except (RuntimeError, TypeError, AttributeError, ValueError):
-                if method == "kv":
-                    raise
-                model._plateaus_kv_ok = False  # remember: this model has no usable cache, go the long way
-                use_kv = False
-                out = _run_full(model, tokens, layer, chunk, p)
+        chunk, chunk_layers = activations[start:start + batch_size], layers[start:start + batch_size]
+        if prefix is not None:
+            out = _run_kv(model, tokens, chunk_layers, chunk, prefix)
         else:
-            out = _run_full(model, tokens, layer, chunk, p)
+            out = _run_full(model, tokens, chunk_layers, chunk, p)
         logits.append(out[0].float())
         finals.append(out[1].float())
     return torch.cat(logits), torch.cat(finals)
@@ -256,34 +305,44 @@ def run_with_activation(model, prompt: str | Tensor, layer: int, activations: Te
 # perturbation curves
 
 
-def perturbation_curve(model, prompt: str | Tensor, layer: int, directions: Tensor, steps: Sequence[float] | Tensor,
-                       base: Tensor | None = None, pos: int = -1, batch_size: int = 64,
-                       method: str = "auto") -> dict[str, Tensor]:
+def perturbation_curve(model, prompt: str | Tensor, layer: int | Sequence[int], directions: Tensor,
+                       steps: Sequence[float] | Tensor, base: Tensor | None = None, pos: int = -1,
+                       batch_size: int = 256, method: str = "auto") -> dict[str, Tensor]:
     """Output change as the activation at (`layer`, `pos`) moves from a start point along each direction.
 
-    directions: [n_dirs, d_model], used as given (normalise them for unit steps); steps: [n_steps] distances t,
-    starting at 0. base: where each direction starts, [d_model] or [n_dirs, d_model]; default the prompt's own
-    activation. All n_dirs x n_steps runs go through the model in batches of `batch_size`.
+    layer: an int, or one layer per direction (several layers then share one batched run).
+    directions: [n_dirs, d_model], used as given (normalise them for unit steps). steps: distances t starting
+    at 0, [n_steps] for every direction or [n_dirs, n_steps]. base: where each direction starts, [d_model] or
+    [n_dirs, d_model]; default the prompt's own activation at that layer. All n_dirs x n_steps runs go
+    through the model together, in batches of `batch_size`.
     Returns kl [n_dirs, n_steps], KL(P_start || P_t) of the next-token distribution in nats (0 at t = 0 by
     construction: the start is the first point of its own row), and l2 [n_dirs, n_steps], the L2 change of
     the final residual stream at the last position.
     """
     tokens = _check_prompt(model, prompt)
     directions = _check_activations(model, directions)
-    steps = torch.as_tensor(steps, dtype=torch.float32)
-    if steps.ndim != 1 or len(steps) < 2 or steps[0] != 0:
-        raise ValueError("steps must be a 1-D sequence of at least two values starting at 0 (the unperturbed start)")
+    n_dirs = directions.shape[0]
+    layers = _check_layers(model, layer, n_dirs)
+    steps = torch.as_tensor(np.asarray(steps, dtype=np.float32))
+    if steps.ndim == 1:
+        steps = steps.expand(n_dirs, -1)
+    if steps.ndim != 2 or steps.shape[0] != n_dirs or steps.shape[1] < 2 or torch.any(steps[:, 0] != 0):
+        raise ValueError("steps must be [n_steps] or [n_dirs, n_steps] with n_steps >= 2, starting at 0 "
+                         "(the unperturbed start)")
     if base is None:
         p = _check_position(tokens, pos)
-        base = activations_at(model, tokens, layer, pos=p)
+        distinct = sorted(set(layers.tolist()))
+        own = activations_at(model, tokens, distinct, pos=p)[:, 0]  # [n_distinct, d]
+        base = own[torch.tensor([distinct.index(l) for l in layers.tolist()])]
     base = _check_activations(model, base)
-    n_dirs, n_steps = directions.shape[0], steps.shape[0]
     if base.shape[0] not in (1, n_dirs):
         raise ValueError(f"base must be [d_model] or [n_dirs={n_dirs}, d_model], got {tuple(base.shape)}")
     base = base.expand(n_dirs, -1)
-    moved = base[:, None, :] + steps[None, :, None] * directions[:, None, :].to(base.dtype)  # [n_dirs, n_steps, d]
-    logits, finals = run_with_activation(model, tokens, layer, moved.reshape(-1, base.shape[-1]), pos=pos,
-                                         batch_size=batch_size, method=method)
+    n_steps = steps.shape[1]
+    moved = base[:, None, :] + steps[:, :, None] * directions[:, None, :].to(base.dtype)  # [n_dirs, n_steps, d]
+    logits, finals = run_with_activation(model, tokens, layers.repeat_interleave(n_steps).tolist(),
+                                         moved.reshape(-1, base.shape[-1]), pos=pos, batch_size=batch_size,
+                                         method=method)
     logits = logits.reshape(n_dirs, n_steps, -1)
     finals = finals.reshape(n_dirs, n_steps, -1)
     kl = I.kl_divergence(logits[:, :1].expand_as(logits), logits)
@@ -343,27 +402,51 @@ def sharpness(steps, values) -> np.ndarray | float:
     return out if y.ndim > 1 else float(out)
 
 
+def onset_exponent(steps, values, threshold: float) -> np.ndarray | float:
+    """How abruptly a curve leaves zero: p = log2(threshold / value at half the blow-up step). A smooth
+    (quadratic) rise such as KL ~ t^2 near an ordinary point gives 2; a plateau that ends in a jump gives
+    more. NaN where the curve never crosses `threshold`. Works on [n] or [..., n]."""
+    x, y = _curve(steps, values)
+    flat = y.reshape(-1, x.shape[0])
+    blow = np.atleast_1d(blowup_step(x, flat, threshold))
+    out = np.full(flat.shape[0], np.nan)
+    for i, (row, b) in enumerate(zip(flat, blow)):
+        if np.isfinite(b) and b > x[0]:
+            half = np.interp(b / 2, x, row)
+            out[i] = np.log2(threshold / half) if half > 0 else np.inf
+    return out.reshape(y.shape[:-1]) if y.ndim > 1 else float(out[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # interpolation between two prompts
 
 
-def interpolate(model, prompt_a: str | Tensor, prompt_b: str | Tensor, layer: int,
-                alphas: Sequence[float] | Tensor, batch_size: int = 64, method: str = "auto") -> dict[str, Tensor]:
+def interpolate(model, prompt_a: str | Tensor, prompt_b: str | Tensor, layer: int | Sequence[int],
+                alphas: Sequence[float] | Tensor, batch_size: int = 256, method: str = "auto") -> dict[str, Tensor]:
     """Walk the last position's residual stream entering `layer` in a straight line from prompt_a's (alpha=0)
     to prompt_b's (alpha=1) activation. The prompts must be identical except for their last token (as in
-    Janiak et al. 2024 and Shinkle 2025), so both endpoints are real runs: alpha=0 gives prompt_a's output,
-    alpha=1 prompt_b's. Returns the last position's logits [n_alpha, vocab] and final residual stream
-    [n_alpha, d_model] along the path, and the alphas."""
+    Shinkle 2025, after Janiak et al. 2024), so both endpoints are real runs: alpha=0 gives prompt_a's
+    output, alpha=1 prompt_b's. Returns the last position's logits [n_alpha, vocab] and final residual stream
+    [n_alpha, d_model] along the path, and the alphas. With a list of layers every layer's path runs in the
+    same batch and the outputs get a leading [n_layers] dimension."""
     ta, tb = _check_prompt(model, prompt_a), _check_prompt(model, prompt_b)
     if ta.shape != tb.shape or not torch.equal(ta[:, :-1], tb[:, :-1]):
         raise ValueError("the two prompts must have the same tokens except the last one "
                          f"(got {ta.shape[1]} and {tb.shape[1]} tokens)")
-    alphas = torch.as_tensor(alphas, dtype=torch.float32)
+    alphas = torch.as_tensor(np.asarray(alphas, dtype=np.float32))
     if alphas.ndim != 1 or len(alphas) < 2:
         raise ValueError("alphas must be a 1-D sequence of at least two values")
-    ends = activations_at(model, torch.cat([ta, tb]), layer)  # [2, d]
-    path = (1 - alphas)[:, None] * ends[0] + alphas[:, None] * ends[1]
-    logits, finals = run_with_activation(model, ta, layer, path, pos=-1, batch_size=batch_size, method=method)
+    several = not isinstance(layer, (int, np.integer)) or isinstance(layer, bool)
+    layers = list(layer) if several else [layer]
+    ends = activations_at(model, torch.cat([ta, tb]), layers)  # [n_layers, 2, d]
+    path = (1 - alphas)[None, :, None] * ends[:, :1] + alphas[None, :, None] * ends[:, 1:]  # [n_layers, n_alpha, d]
+    row_layers = [l for l in layers for _ in range(len(alphas))]
+    logits, finals = run_with_activation(model, ta, row_layers, path.reshape(-1, path.shape[-1]), pos=-1,
+                                         batch_size=batch_size, method=method)
+    logits = logits.reshape(len(layers), len(alphas), -1)
+    finals = finals.reshape(len(layers), len(alphas), -1)
+    if not several:
+        logits, finals = logits[0], finals[0]
     return {"logits": logits, "final": finals, "alphas": alphas}
 
 
@@ -410,7 +493,8 @@ def output_features(logits: Tensor, top_k: int = 10) -> tuple[np.ndarray, list[i
     return logp[:, ids].cpu().numpy(), ids
 
 
-def kmeans_by_silhouette(x: np.ndarray, ks: Sequence[int] = range(2, 9), seed: int = 0) -> dict[str, Any]:
+def kmeans_by_silhouette(x: np.ndarray, ks: Sequence[int] = range(2, 9), seed: int = 0,
+                         n_init: int = 10) -> dict[str, Any]:
     """K-means for each k in `ks`, keeping the k with the best silhouette score (scikit-learn).
     Returns k, labels, and the silhouette of every k tried."""
     from sklearn.cluster import KMeans
@@ -422,24 +506,33 @@ def kmeans_by_silhouette(x: np.ndarray, ks: Sequence[int] = range(2, 9), seed: i
         raise ValueError(f"need some k with 2 <= k < n_samples={len(x)}")
     scores, labels = {}, {}
     for k in ks:
-        lab = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+        lab = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
         scores[k] = float(silhouette_score(x, lab)) if len(set(lab)) > 1 else -1.0
         labels[k] = lab
     best = max(scores, key=scores.get)
     return {"k": best, "labels": labels[best], "silhouette": scores}
 
 
-def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 3, seed: int = 0, C: float = 1.0) -> float:
-    """Cross-validated accuracy of a standardised logistic-regression probe predicting labels y from x."""
-    from sklearn.linear_model import LogisticRegression
+def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 3, seed: int = 0, alpha: float = 1.0) -> float:
+    """Cross-validated accuracy of a linear probe (standardised features, scikit-learn's closed-form
+    RidgeClassifier, one-vs-rest) predicting labels y from x. Classes with fewer members than `folds` are
+    kept in training but folds never exceed the smallest class (at least 2)."""
+    from sklearn.linear_model import RidgeClassifier
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    y = np.asarray(y)
+    x, y = np.asarray(x, dtype=float), np.asarray(y)
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"x must be [n, features] and y [n], got {x.shape} and {y.shape}")
     if len(np.unique(y)) < 2:
         return 1.0
-    folds = max(2, min(folds, int(np.bincount(np.unique(y, return_inverse=True)[1]).min())))
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=500))
+    counts = np.unique(y, return_counts=True)[1]
+    folds = max(2, min(folds, int(counts.min())))
+    probe = make_pipeline(StandardScaler(), RidgeClassifier(alpha=alpha))
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(probe, np.asarray(x, dtype=float), y, cv=cv).mean())
+    import warnings
+
+    with warnings.catch_warnings():  # "the least populated class has only 1 member": fine, said above
+        warnings.simplefilter("ignore", UserWarning)
+        return float(cross_val_score(probe, x, y, cv=cv).mean())

@@ -37,6 +37,26 @@ def test_batched_perturbation_equals_one_at_a_time_forwards(model):
         assert torch.allclose(one[0], batched[i], atol=1e-3)
 
 
+def test_rows_at_different_layers_share_one_batch(model):
+    d = model.cfg.d_model
+    g = torch.Generator().manual_seed(2)
+    dirs = P.isotropic_directions(2, d, g)
+    steps = torch.tensor([[0.0, 20.0, 60.0], [0.0, 40.0, 80.0]])
+    mixed = P.perturbation_curve(model, EIFFEL, [3, 12], dirs, steps)
+    for k, layer in enumerate((3, 12)):
+        alone = P.perturbation_curve(model, EIFFEL, layer, dirs[k:k + 1], steps[k])
+        assert torch.allclose(mixed["kl"][k], alone["kl"][0], atol=1e-4)
+    path = P.interpolate(model, "The capital of France is", "The capital of France has", [1, 6], [0.0, 0.3, 1.0])
+    one = P.interpolate(model, "The capital of France is", "The capital of France has", 6, [0.0, 0.3, 1.0])
+    assert path["logits"].shape[:2] == (2, 3) and torch.allclose(path["logits"][1], one["logits"], atol=1e-3)
+    acts, logits = P.last_token_run(model, [EIFFEL, "I love"], [0, 7])
+    assert acts.shape == (2, 2, d)
+    assert torch.allclose(logits, I.logits(model, [EIFFEL, "I love"]), atol=1e-3)
+    assert torch.allclose(acts[1], P.activations_at(model, [EIFFEL, "I love"], 7), atol=1e-4)
+    with pytest.raises(ValueError, match="one layer per row"):
+        P.run_with_activation(model, EIFFEL, [3, 4, 5], dirs)
+
+
 def _with_last(model, prompt, layer, vector):
     _, cache = I.run_with_cache(model, prompt, I.resid_name(model, layer))
     act = cache[I.resid_name(model, layer)].clone()
@@ -57,7 +77,7 @@ def test_perturbing_a_middle_position_and_bad_inputs(model):
         P.run_with_activation(model, EIFFEL, 3, torch.zeros(2, d + 1))
     with pytest.raises(IndexError):
         P.run_with_activation(model, EIFFEL, model.cfg.n_layers + 5, base[None])
-    with pytest.raises(ValueError, match="start"):
+    with pytest.raises(ValueError, match="starting at 0"):
         P.perturbation_curve(model, EIFFEL, 3, base[None], [1.0, 2.0])
     with pytest.raises(ValueError, match="zero"):
         P.unit(torch.zeros(2, d))
@@ -75,6 +95,9 @@ def test_blowup_step_on_a_synthetic_step_curve():
     assert P.sharpness(steps, step_curve) == pytest.approx(10.0)
     with pytest.raises(ValueError):
         P.blowup_step(steps[::-1], step_curve, 1.0)
+    fine = np.linspace(0, 1, 201)
+    assert P.onset_exponent(fine, fine ** 2, 0.25) == pytest.approx(2.0, abs=0.01)  # quadratic: 2
+    assert P.onset_exponent(fine, fine ** 6, 0.25) == pytest.approx(6.0, abs=0.05)  # plateau then jump: more
 
 
 def test_relative_position_width_and_jumps():
