@@ -27,6 +27,20 @@ from torch import Tensor
 
 from helpers import interventions as I
 
+def _one_thread(fn):
+    """Run scikit-learn / BLAS work on one thread: these matrices are small, and thread pools that spin
+    while waiting make them many times slower on a shared or busy CPU."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 # ---------------------------------------------------------------------------------------------
 # checks
 
@@ -125,6 +139,7 @@ def last_token_run(model, prompts: Sequence[str], layers: Sequence[int], batch_s
     return torch.cat(acts, dim=1), torch.cat(logits)
 
 
+@_one_thread
 def fit_gaussian(samples: Tensor, shrinkage: bool = True) -> tuple[Tensor, Tensor]:
     """Mean [d] and covariance [d, d] of samples [n, d]; Ledoit-Wolf shrinkage (scikit-learn) by default,
     so the covariance is well-conditioned even with fewer samples than dimensions."""
@@ -307,7 +322,7 @@ def run_with_activation(model, prompt: str | Tensor, layer: int | Sequence[int],
 
 def perturbation_curve(model, prompt: str | Tensor, layer: int | Sequence[int], directions: Tensor,
                        steps: Sequence[float] | Tensor, base: Tensor | None = None, pos: int = -1,
-                       batch_size: int = 256, method: str = "auto") -> dict[str, Tensor]:
+                       batch_size: int = 256, method: str = "auto", keep_logits: bool = False) -> dict[str, Tensor]:
     """Output change as the activation at (`layer`, `pos`) moves from a start point along each direction.
 
     layer: an int, or one layer per direction (several layers then share one batched run).
@@ -317,7 +332,8 @@ def perturbation_curve(model, prompt: str | Tensor, layer: int | Sequence[int], 
     through the model together, in batches of `batch_size`.
     Returns kl [n_dirs, n_steps], KL(P_start || P_t) of the next-token distribution in nats (0 at t = 0 by
     construction: the start is the first point of its own row), and l2 [n_dirs, n_steps], the L2 change of
-    the final residual stream at the last position.
+    the final residual stream at the last position; with keep_logits=True also the logits
+    [n_dirs, n_steps, vocab].
     """
     tokens = _check_prompt(model, prompt)
     directions = _check_activations(model, directions)
@@ -347,7 +363,7 @@ def perturbation_curve(model, prompt: str | Tensor, layer: int | Sequence[int], 
     finals = finals.reshape(n_dirs, n_steps, -1)
     kl = I.kl_divergence(logits[:, :1].expand_as(logits), logits)
     l2 = (finals - finals[:, :1]).norm(dim=-1)
-    return {"kl": kl, "l2": l2}
+    return {"kl": kl, "l2": l2, **({"logits": logits} if keep_logits else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +509,7 @@ def output_features(logits: Tensor, top_k: int = 10) -> tuple[np.ndarray, list[i
     return logp[:, ids].cpu().numpy(), ids
 
 
+@_one_thread
 def kmeans_by_silhouette(x: np.ndarray, ks: Sequence[int] = range(2, 9), seed: int = 0,
                          n_init: int = 10) -> dict[str, Any]:
     """K-means for each k in `ks`, keeping the k with the best silhouette score (scikit-learn).
@@ -513,6 +530,23 @@ def kmeans_by_silhouette(x: np.ndarray, ks: Sequence[int] = range(2, 9), seed: i
     return {"k": best, "labels": labels[best], "silhouette": scores}
 
 
+@_one_thread
+def kmeans_labels(x: np.ndarray, k: int, seed: int = 0, n_init: int = 4, standardise: bool = True) -> np.ndarray:
+    """K-means cluster labels of the rows of x (standardised features by default); duplicate points are fine."""
+    import warnings
+
+    from sklearn.cluster import KMeans
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(x, dtype=float)
+    if standardise:
+        x = StandardScaler().fit_transform(x)
+    with warnings.catch_warnings():  # identical points (e.g. every prompt ends in the same token at layer 0)
+        warnings.simplefilter("ignore")
+        return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
+
+
+@_one_thread
 def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 3, seed: int = 0, alpha: float = 1.0) -> float:
     """Cross-validated accuracy of a linear probe (standardised features, scikit-learn's closed-form
     RidgeClassifier, one-vs-rest) predicting labels y from x. Classes with fewer members than `folds` are

@@ -159,6 +159,7 @@ def test_kmeans_by_silhouette_and_probe():
     from sklearn.metrics import adjusted_rand_score
 
     assert adjusted_rand_score(y, result["labels"]) == pytest.approx(1.0)
+    assert adjusted_rand_score(y, P.kmeans_labels(x, 3)) == pytest.approx(1.0)
     assert P.probe_accuracy(x, y) == pytest.approx(1.0)
     assert P.probe_accuracy(rng.normal(size=(90, 2)), y) < 0.6  # no signal: near chance (1/3)
     logits = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0]])
