@@ -356,14 +356,21 @@ def perturbation_curve(model, prompt: str | Tensor, layer: int | Sequence[int], 
     base = base.expand(n_dirs, -1)
     n_steps = steps.shape[1]
     moved = base[:, None, :] + steps[:, :, None] * directions[:, None, :].to(base.dtype)  # [n_dirs, n_steps, d]
-    logits, finals = run_with_activation(model, tokens, layers.repeat_interleave(n_steps).tolist(),
-                                         moved.reshape(-1, base.shape[-1]), pos=pos, batch_size=batch_size,
-                                         method=method)
-    logits = logits.reshape(n_dirs, n_steps, -1)
-    finals = finals.reshape(n_dirs, n_steps, -1)
-    kl = I.kl_divergence(logits[:, :1].expand_as(logits), logits)
-    l2 = (finals - finals[:, :1]).norm(dim=-1)
-    return {"kl": kl, "l2": l2, **({"logits": logits} if keep_logits else {})}
+    kl, l2, kept = [], [], []
+    group = max(1, batch_size // n_steps)  # whole directions per batch, so only [batch, vocab] logits live at once
+    for g in range(0, n_dirs, group):
+        rows = moved[g:g + group]
+        logits, finals = run_with_activation(model, tokens, layers[g:g + group].repeat_interleave(n_steps).tolist(),
+                                             rows.reshape(-1, base.shape[-1]), pos=pos, batch_size=batch_size,
+                                             method=method)
+        logits = logits.reshape(rows.shape[0], n_steps, -1)
+        finals = finals.reshape(rows.shape[0], n_steps, -1)
+        kl.append(I.kl_divergence(logits[:, :1].expand_as(logits), logits))
+        l2.append((finals - finals[:, :1]).norm(dim=-1))
+        if keep_logits:
+            kept.append(logits)
+    out = {"kl": torch.cat(kl), "l2": torch.cat(l2)}
+    return {**out, "logits": torch.cat(kept)} if keep_logits else out
 
 
 # ---------------------------------------------------------------------------------------------
