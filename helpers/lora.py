@@ -858,23 +858,38 @@ class ReadBack:
 
     rank: int
     effective_rank: float
-    key_scores: Tensor          # |projection| of every probe key on ΔW's input direction
+    key_scores: Tensor          # |projection| (or |cosine|) of every probe key with ΔW's input direction
     top_rows: list[int]         # probe rows, best first
     written: Tensor             # ΔW @ (the best-matching probe key): the vector it writes there
 
 
-def read_back(dW, probe_keys: Tensor, top: int = 10) -> ReadBack:
-    """From ΔW only: its rank, effective rank, which probe keys its input (right singular) direction
-    responds to most, and what it writes for the strongest one (ΔW @ k, sign included)."""
-    dW = _matrix(dW)
-    if probe_keys.ndim != 2 or probe_keys.shape[1] != dW.shape[1]:
-        raise ValueError(f"probe_keys must be [n, {dW.shape[1]}], got {tuple(probe_keys.shape)}")
+def read_back(dW, probe_keys: Tensor, top: int = 10, cosine: bool = False) -> ReadBack:
+    """From ΔW only (a matrix or its Svd): its rank, effective rank, which probe keys its input (right
+    singular) direction responds to most, and what it writes for the strongest one (ΔW @ k, sign included).
+
+    cosine=True scores keys by |cos| with the direction instead of |projection|: a projection favours
+    keys with large norms, which any direction, even a random one, picks up."""
     d = svd(dW)                                    # one SVD for the rank, the spectrum and the direction
+    if probe_keys.ndim != 2 or probe_keys.shape[1] != d.shape[1]:
+        raise ValueError(f"probe_keys must be [n, {d.shape[1]}], got {tuple(probe_keys.shape)}")
+    keys = probe_keys.float().cpu()
     v = right_vectors(d, 1)[:, 0]
-    scores = (probe_keys.float() @ v).abs()
+    scores = (keys @ v).abs()
+    if cosine:
+        scores = scores / keys.norm(dim=1).clamp_min(1e-12)
     order = scores.argsort(descending=True)[:top].tolist()
-    written = dW @ probe_keys[order[0]].float()
+    written = d.U @ (d.S * (d.Vh @ keys[order[0]]))
     return ReadBack(numerical_rank(d), effective_rank(d), scores, order, written)
+
+
+def random_rank_one(shape: tuple[int, int], norm: float, generator: torch.Generator | None = None) -> Svd:
+    """A rank-one matrix norm * u v^T with Haar-random unit u, v, as its Svd (dense: `U * S @ Vh`):
+    the random control for a rank-one edit of equal norm."""
+    out, inp = shape
+    if not norm > 0:
+        raise ValueError(f"norm must be > 0, got {norm!r}")
+    u, v = random_orthonormal(out, 1, generator), random_orthonormal(inp, 1, generator)
+    return Svd(u, torch.tensor([float(norm)]), v.T)
 
 
 @contextmanager

@@ -143,6 +143,21 @@ def test_read_back_finds_the_key_and_the_value():
     assert torch.allclose(rb.written, v, atol=1e-4)
     with pytest.raises(ValueError):
         lora.read_back(dW, randn(5, 29))
+    # the Svd gives the same answer; cosine scoring ignores a key's norm
+    rb2 = lora.read_back(lora.svd(dW), keys, cosine=True)
+    assert rb2.top_rows[0] == 17 and torch.allclose(rb2.written, v, atol=1e-4)
+    big = keys.clone()
+    big[3] *= 1000  # a huge key wins the projection but not the cosine
+    assert lora.read_back(dW, big).top_rows[0] in (3, 17) and lora.read_back(dW, big, cosine=True).top_rows[0] == 17
+
+
+def test_random_rank_one_has_the_norm_and_rank_asked_for():
+    r = lora.random_rank_one((12, 30), 2.5, torch.Generator().manual_seed(0))
+    dense = (r.U * r.S) @ r.Vh
+    assert dense.norm().item() == pytest.approx(2.5, rel=1e-5)
+    assert lora.numerical_rank(dense) == 1 and lora.numerical_rank(r) == 1
+    with pytest.raises(ValueError):
+        lora.random_rank_one((12, 30), 0.0)
 
 
 def test_rome_edit_checks_shapes():
