@@ -333,6 +333,24 @@ def _frozen(model) -> Iterator[None]:
                 p.requires_grad_(flags[n])
 
 
+def _adam_steps(model, prefix: Prefix, params: list[Tensor], steps: int, lr: float) -> list[float]:
+    """`steps` Adam steps on `params` (made trainable) against `prefix`'s loss; the loss before every step, then
+    the final loss."""
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = prefix.loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(prefix.loss(model).item())
+    return losses
+
+
 def train_lora(model, prefix: Prefix, rank: int, layers: Sequence[int], types: Sequence[str], steps: int = 30,
                lr: float = 1e-3, alpha: float = 16.0, seed: int = 0) -> Update:
     """Fine-tune LoRA adapters (peft) of rank `rank` on the given matrices with Adam on `prefix`'s
@@ -348,19 +366,8 @@ def train_lora(model, prefix: Prefix, rank: int, layers: Sequence[int], types: S
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model, adapter_name="default")
         try:
-            params = [p for n, p in model.named_parameters() if "lora_" in n]
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.Adam(params, lr=lr)
-            losses = []
-            for _ in range(steps):
-                loss = prefix.loss(model)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+            losses = _adam_steps(model, prefix, [p for n, p in model.named_parameters() if "lora_" in n], steps, lr)
             with torch.no_grad():
-                losses.append(prefix.loss(model).item())
                 deltas, A, B = {}, {}, {}
                 for name in names:
                     layer = model.get_submodule(name)
@@ -396,20 +403,8 @@ def train_full(model, prefix: Prefix, layers: Sequence[int], types: Sequence[str
     before = {n: get_module(model, n).weight.detach().clone() for n in names}
     with _frozen(model):
         torch.manual_seed(seed)
-        params = [get_module(model, n).weight for n in names]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr)
-        losses = []
         try:
-            for _ in range(steps):
-                loss = prefix.loss(model)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            with torch.no_grad():
-                losses.append(prefix.loss(model).item())
+            losses = _adam_steps(model, prefix, [get_module(model, n).weight for n in names], steps, lr)
             deltas = {}
             for n in names:
                 d = (get_module(model, n).weight.detach() - before[n]).float()
