@@ -170,6 +170,19 @@ def zero_shot_prompts(pairs: Sequence[tuple[str, str]], template: Template | str
     return [Prompt(t.query.format(x=x), x, t.answer.format(y=y)) for x, y in pairs]
 
 
+def as_zero_shot(prompts: Sequence[Prompt], template: Template | str = "qa") -> list[Prompt]:
+    """The same queries and answers with no demonstrations (in `template`, or a natural format string with {x})."""
+    if isinstance(template, str) and "{x}" in template:
+        return [Prompt(template.format(x=p.query), p.query, p.answer) for p in prompts]
+    t = _template(template)
+    return [Prompt(t.query.format(x=p.query), p.query, p.answer) for p in prompts]
+
+
+def texts(prompts: Sequence[Prompt]) -> list[str]:
+    """The prompt strings of a list of Prompts."""
+    return [p.text for p in prompts]
+
+
 def answer_ids(model, prompts: Sequence[Prompt] | Sequence[str]) -> Tensor:
     """The first token of each answer (scoring uses the first token, as in Todd et al.): [n] long."""
     texts = [p.answer if isinstance(p, Prompt) else p for p in prompts]
@@ -291,27 +304,30 @@ def add_to_last(model, prompts: Sequence[str], vector: Tensor, layer: int, scale
 
 # ---------------------------------------------------------------------------------------------
 # average indirect effect, with all head patches packed into one forward pass
-def packed_inputs(tokens: Tensor, n_copies: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
-    """One prompt's tokens [1, T] -> (tokens [1, T-1+n_copies], 4-D additive attention mask, position ids).
+def packed_inputs(tokens: Tensor, n_copies: int, dtype: torch.dtype = torch.float32,
+                  block: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """One prompt's tokens [1, T] -> (tokens [1, T-block+n_copies*block], 4-D additive attention mask, position ids).
 
-    The prompt's last token is repeated `n_copies` times; every copy sits at position T-1, attends to the
-    prefix and to itself only. Each copy therefore computes exactly what the unpacked last position computes,
-    and an intervention on one copy cannot reach another: many patched runs in one forward pass."""
+    The prompt's last `block` tokens are repeated `n_copies` times; every copy sits at the original positions,
+    attends to the shared prefix and causally within itself only. Each copy therefore computes exactly what the
+    unpacked prompt computes there, and an intervention on one copy cannot reach another: many patched runs in
+    one forward pass."""
     if tokens.ndim != 2 or tokens.shape[0] != 1:
         raise ValueError(f"pack one prompt at a time: tokens must be [1, T], got {tuple(tokens.shape)}")
-    if n_copies < 1:
-        raise ValueError("n_copies must be >= 1")
-    prefix_len = tokens.shape[1] - 1
-    seq = torch.cat([tokens[:, :-1], tokens[:, -1:].repeat(1, n_copies)], dim=1)
-    size = prefix_len + n_copies
+    if n_copies < 1 or not 1 <= block <= tokens.shape[1]:
+        raise ValueError(f"need n_copies >= 1 and 1 <= block <= T, got {n_copies}, {block}")
+    prefix_len = tokens.shape[1] - block
+    seq = torch.cat([tokens[:, :prefix_len], tokens[:, prefix_len:].repeat(1, n_copies)], dim=1)
+    size = prefix_len + n_copies * block
     allowed = torch.zeros(size, size, dtype=torch.bool, device=tokens.device)
     allowed[:prefix_len, :prefix_len] = torch.tril(torch.ones(prefix_len, prefix_len, dtype=torch.bool))
     allowed[prefix_len:, :prefix_len] = True
-    allowed[prefix_len:, prefix_len:] = torch.eye(n_copies, dtype=torch.bool)
+    within = torch.tril(torch.ones(block, block, dtype=torch.bool))
+    allowed[prefix_len:, prefix_len:] = torch.block_diag(*[within] * n_copies)
     mask = torch.zeros(size, size, dtype=dtype, device=tokens.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    positions = torch.cat([torch.arange(prefix_len), torch.full((n_copies,), prefix_len)]).to(tokens.device)
-    return seq, mask[None, None], positions[None]
+    positions = torch.cat([torch.arange(prefix_len), torch.arange(prefix_len, prefix_len + block).repeat(n_copies)])
+    return seq, mask[None, None], positions[None].to(tokens.device)
 
 
 @torch.no_grad()

@@ -55,6 +55,27 @@ def generate_corpus(model, openings: Sequence[str], n_new_tokens: int = 48, seed
     return tokens, valid
 
 
+def load_corpus(path=None) -> list[str]:
+    """The texts of data/future_lens_corpus.json (model-written, fixed seeds; see data/README.md)."""
+    import json
+    from pathlib import Path
+
+    from helpers.env import DATA
+
+    path = Path(path) if path is not None else DATA / "future_lens_corpus.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no corpus at {path}")
+    return list(json.loads(path.read_text())["texts"])
+
+
+def corpus_tokens(model, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """Tokenize texts (BOS prepended, left-padded): (tokens [n, T], valid [n, T] bool, False on padding)."""
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a non-empty list of strings")
+    tokens = I.to_tokens(model, list(texts)).cpu()
+    return tokens, I.attention_mask(model, tokens).bool().cpu()
+
+
 @dataclass
 class States:
     """Residual streams at every layer for every valid non-BOS position of a corpus, flattened."""
@@ -180,21 +201,26 @@ def kl_to_final(model, resid: Tensor, final_logits: Tensor, chunk: int = 512) ->
 
 # ---------------------------------------------------------------------------------------------
 # n-gram baselines
-def ngram_table(sequences: Sequence[Sequence[int]], offset: int = 1) -> dict[int, int]:
-    """For each token, the token seen most often `offset` positions after it (ties: the smaller id)."""
-    if offset < 1:
-        raise ValueError("offset must be >= 1")
+def lookup_table(keys: Tensor, values: Tensor) -> dict[int, int]:
+    """For each key token, the value token seen most often with it (ties: the smaller id). E.g. keys = the
+    token at each training position, values = the model's top-1 prediction there: a bigram model of the model."""
+    if keys.shape != values.shape or keys.ndim != 1:
+        raise ValueError(f"keys and values must be 1-D and the same length, got {tuple(keys.shape)}, {tuple(values.shape)}")
     counts: dict[int, Counter] = defaultdict(Counter)
-    for seq in sequences:
-        seq = list(seq)
-        for a, b in zip(seq[:-offset], seq[offset:]):
-            counts[int(a)][int(b)] += 1
+    for a, b in zip(keys.tolist(), values.tolist()):
+        counts[a][b] += 1
     return {a: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for a, c in counts.items()}
 
 
-def ngram_predict(table: dict[int, int], tokens: Tensor, fallback: int) -> Tensor:
-    """Look each token up in an `ngram_table`; unseen tokens get `fallback` (e.g. the most common token)."""
-    return torch.tensor([table.get(int(t), fallback) for t in tokens], dtype=torch.long)
+def ngram_predict(table: dict[int, int], tokens: Tensor, fallback: int, steps: int = 1) -> Tensor:
+    """Apply a `lookup_table` `steps` times to each token (unseen tokens map to `fallback`): [n].
+    steps=0 returns the tokens themselves."""
+    if steps < 0:
+        raise ValueError("steps must be >= 0")
+    out = [int(t) for t in tokens]
+    for _ in range(steps):
+        out = [table.get(t, fallback) for t in out]
+    return torch.tensor(out, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,43 +314,56 @@ def init_soft_prompt(model, text: str = " Next:", n_prefix: int | None = None) -
     return _embed(model, ids).cpu()
 
 
-def soft_prompt_logits(model, prefix: Tensor, sources: Tensor, layer: int) -> Tensor:
+def soft_prompt_logits(model, prefix: Tensor, sources: Tensor, layer: int, given: Tensor | None = None) -> Tensor:
     """Logits at a placeholder after [BOS, *prefix] whose residual stream entering `layer` is replaced by each
-    source hidden state ([n, d_model]): the learned-prompt causal intervention. All sources share one packed
-    forward pass (each placeholder sees the prefix and itself only). Differentiable in `prefix`."""
+    source hidden state ([n, d_model]): the learned-prompt causal intervention of Pal et al.
+
+    `given` ([n, m] token ids, optional): tokens fed after the placeholder (teacher forcing, as Pal et al. do for
+    N >= 1: the true tokens t+1..t+m); the logits are then read after the last of them. All sources share one
+    packed forward pass (each placeholder sees the prefix and its own tokens only). Differentiable in `prefix`."""
     from helpers.function_vectors import packed_inputs
 
     if prefix.ndim != 2 or prefix.shape[1] != model.cfg.d_model:
         raise ValueError(f"prefix must be [n_prefix, d_model], got {tuple(prefix.shape)}")
     if sources.ndim != 2 or sources.shape[1] != model.cfg.d_model:
         raise ValueError(f"sources must be [n, d_model], got {tuple(sources.shape)}")
-    layer = I.check_layer(model, layer)
+    n, m = sources.shape[0], 0 if given is None else given.shape[1]
+    if given is not None and (given.ndim != 2 or given.shape[0] != n):
+        raise ValueError(f"given must be [n={n}, m] token ids, got {tuple(given.shape)}")
+    layer = I.check_layer(model, layer, allow_final=True)
     dev = model.cfg.device
     bos = model.tokenizer.bos_token_id
     if bos is None:
         raise ValueError("the tokenizer has no BOS token")
     prefix = prefix.to(dev)
-    n = sources.shape[0]
-    placeholder = torch.zeros(1, 1, dtype=torch.long, device=dev)
-    dummy = torch.cat([torch.full((1, 1 + prefix.shape[0]), bos, device=dev), placeholder], 1)
-    _, mask, positions = packed_inputs(dummy, n)
-    embeds = torch.cat([_embed(model, [bos]).to(dev), prefix, torch.zeros(n, prefix.shape[1], device=dev)])[None]
+    block = 1 + m
+    dummy = torch.full((1, 1 + prefix.shape[0] + block), bos, device=dev)
+    _, mask, positions = packed_inputs(dummy, n, block=block)
+    slots = torch.zeros(n, block, prefix.shape[1], device=dev)
+    if m:
+        slots[:, 1:] = model.embed(given.to(dev)).float()
+    embeds = torch.cat([_embed(model, [bos]).to(dev), prefix, slots.reshape(n * block, -1)])[None]
     start = 1 + prefix.shape[0]
+    where = start + block * torch.arange(n, device=dev)
     src = sources.to(dev, embeds.dtype)
 
     def transplant(resid, hook):
-        return torch.cat([resid[:, :start], src[None].to(resid.dtype)], dim=1)
+        resid = resid.clone()
+        resid[0, where] = src.to(resid.dtype)
+        return resid
 
     logits = model.run_with_hooks(embeds, fwd_hooks=[(I.resid_name(model, layer), transplant)],
                                   attention_mask=mask, position_ids=positions)
-    return logits[0, start:].float()
+    return logits[0, where + m].float()
 
 
 def train_soft_prompt(model, sources: Tensor, targets: Tensor, layer: int, n_prefix: int = 4, steps: int = 40,
-                      lr: float = 0.01, batch_size: int = 32, seed: int = 0, init_text: str = " Next:") -> tuple[Tensor, list[float]]:
+                      lr: float = 0.01, batch_size: int = 32, seed: int = 0, init_text: str = " Next:",
+                      given: Tensor | None = None) -> tuple[Tensor, list[float]]:
     """Learn `n_prefix` prompt vectors so that the model, with a hidden state from `layer` transplanted after
-    them, outputs the distribution the model itself produced `n_ahead` tokens later (targets: final-layer residual
-    vectors [n, d_model] whose decoded distribution is the goal; loss = KL, as Pal et al.). Returns (prefix, losses)."""
+    them (and the `given` tokens after that, if any), outputs the distribution the model itself produced N tokens
+    later (targets: final-layer residual vectors [n, d_model] whose decoded distribution is the goal; loss = KL,
+    as Pal et al.). Returns (prefix, losses)."""
     if sources.shape != targets.shape:
         raise ValueError(f"sources and targets must match, got {tuple(sources.shape)} and {tuple(targets.shape)}")
     dev = model.cfg.device
@@ -337,7 +376,8 @@ def train_soft_prompt(model, sources: Tensor, targets: Tensor, layer: int, n_pre
             idx = torch.randint(len(sources), (min(batch_size, len(sources)),), generator=gen)
             with torch.no_grad():
                 target = I.unembed(model, targets[idx].to(dev)).float().log_softmax(-1)
-            pred = soft_prompt_logits(model, prefix, sources[idx], layer).log_softmax(-1)
+            pred = soft_prompt_logits(model, prefix, sources[idx], layer,
+                                      None if given is None else given[idx]).log_softmax(-1)
             loss = (target.exp() * (target - pred)).sum(-1).mean()
             opt.zero_grad()
             loss.backward()
@@ -347,7 +387,9 @@ def train_soft_prompt(model, sources: Tensor, targets: Tensor, layer: int, n_pre
 
 
 @torch.no_grad()
-def soft_prompt_top1(model, prefix: Tensor, sources: Tensor, layer: int, chunk: int = 128) -> Tensor:
+def soft_prompt_top1(model, prefix: Tensor, sources: Tensor, layer: int, given: Tensor | None = None,
+                     chunk: int = 128) -> Tensor:
     """Top-1 token the model outputs for each transplanted source state: [n]."""
-    return torch.cat([soft_prompt_logits(model, prefix, sources[s:s + chunk], layer).argmax(-1).cpu()
+    return torch.cat([soft_prompt_logits(model, prefix, sources[s:s + chunk], layer,
+                                         None if given is None else given[s:s + chunk]).argmax(-1).cpu()
                       for s in range(0, len(sources), chunk)])

@@ -61,11 +61,12 @@ def test_future_pairs_and_sequence_split():
     assert (train ^ test).all() and len(states.seq[test].unique()) == 1
 
 
-def test_ngram_table_counts():
-    table = L.ngram_table([[1, 2, 1, 2, 1, 3], [5, 6]], offset=1)
+def test_lookup_table_and_chained_prediction():
+    table = L.lookup_table(torch.tensor([1, 2, 1, 1, 5, 2]), torch.tensor([2, 1, 2, 3, 6, 1]))
     assert table == {1: 2, 2: 1, 5: 6}
-    assert L.ngram_table([[1, 2, 3, 4]], offset=2) == {1: 3, 2: 4}
     assert L.ngram_predict(table, torch.tensor([1, 9]), fallback=0).tolist() == [2, 0]
+    assert L.ngram_predict(table, torch.tensor([1, 5]), fallback=0, steps=2).tolist() == [1, 0]
+    assert L.ngram_predict(table, torch.tensor([1, 5]), fallback=0, steps=0).tolist() == [1, 5]
 
 
 def test_transplanting_the_final_state_reproduces_the_output(model):
@@ -73,6 +74,15 @@ def test_transplanting_the_final_state_reproduces_the_output(model):
     prefix = L.init_soft_prompt(model, " Next:", n_prefix=3)
     logits = L.soft_prompt_logits(model, prefix, states.resid[-1, -3:], model.cfg.n_layers)
     assert torch.allclose(logits, L.decode(model, states.resid[-1, -3:]), atol=1e-3)
+
+
+def test_soft_prompt_with_real_embeddings_is_the_plain_forward(model):
+    ids = I.to_tokens(model, EIFFEL)[0].cpu()                       # [BOS, t1 .. tn]
+    emb = model.embed(ids[None].to(model.cfg.device))[0].detach().float().cpu()
+    prefix, source, given = emb[1:-2], emb[-2:-1].repeat(2, 1), ids[-1:].repeat(2, 1)
+    logits = L.soft_prompt_logits(model, prefix, source, 0, given=given)      # transplant at the embedding
+    plain = I.logits(model, EIFFEL)[0].float()
+    assert torch.allclose(logits[0], plain, atol=2e-3) and torch.allclose(logits[1], plain, atol=2e-3)
 
 
 def test_soft_prompt_gets_gradients_and_learns(model):
