@@ -55,8 +55,9 @@ def generate_corpus(model, openings: Sequence[str], n_new_tokens: int = 48, seed
     return tokens, valid
 
 
-def load_corpus(path=None) -> list[str]:
-    """The texts of data/future_lens_corpus.json (model-written, fixed seeds; see data/README.md)."""
+def load_corpus(path=None, key: str = "texts") -> list[str]:
+    """The texts (or, key="openings", the openings) of data/future_lens_corpus.json (model-written with fixed
+    seeds; see data/README.md)."""
     import json
     from pathlib import Path
 
@@ -65,7 +66,7 @@ def load_corpus(path=None) -> list[str]:
     path = Path(path) if path is not None else DATA / "future_lens_corpus.json"
     if not path.is_file():
         raise FileNotFoundError(f"no corpus at {path}")
-    return list(json.loads(path.read_text())["texts"])
+    return list(json.loads(path.read_text())[key])
 
 
 def corpus_tokens(model, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -74,6 +75,13 @@ def corpus_tokens(model, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         raise TypeError("texts must be a non-empty list of strings")
     tokens = I.to_tokens(model, list(texts)).cpu()
     return tokens, I.attention_mask(model, tokens).bool().cpu()
+
+
+def generate_texts(model, openings: Sequence[str], n_new_tokens: int = 64, seed: int = 0, temperature: float = 0.8,
+                   top_k: int | None = 40) -> list[str]:
+    """`generate_corpus`, decoded back to plain text (special tokens dropped), one string per opening."""
+    tokens, valid = generate_corpus(model, openings, n_new_tokens, seed, temperature, top_k)
+    return [model.tokenizer.decode(t[v], skip_special_tokens=True).strip() for t, v in zip(tokens, valid)]
 
 
 @dataclass
@@ -97,22 +105,30 @@ class States:
 @torch.no_grad()
 def cache_states(model, tokens: Tensor, valid: Tensor, batch_size: int = 8) -> States:
     """Run the corpus once and keep the residual stream at every layer (0..n_layers) at every valid position
-    except each sequence's first real token (BOS: an attention sink with huge activations)."""
+    except each sequence's first real token (BOS: an attention sink with huge activations). Sequences are
+    batched by length and each batch is trimmed of all-padding columns, so little compute goes to padding."""
     if tokens.shape != valid.shape or tokens.ndim != 2:
         raise ValueError(f"tokens and valid must both be [n, T], got {tuple(tokens.shape)} and {tuple(valid.shape)}")
     names = [I.resid_name(model, layer) for layer in range(I.n_layers(model) + 1)]
     keep = valid.clone()
     first = valid.float().argmax(1)
     keep[torch.arange(len(keep)), first] = False
-    resid, top1 = [], []
-    for start in range(0, tokens.shape[0], batch_size):
-        tok = tokens[start:start + batch_size]
-        k = keep[start:start + batch_size]
+    order = torch.argsort(valid.sum(1), stable=True)
+    per_row: dict[int, tuple[Tensor, Tensor]] = {}
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        begin = int(valid[rows].any(0).float().argmax())            # left padding: drop all-padding columns
+        tok, k = tokens[rows, begin:], keep[rows, begin:]
         logits, cache = I.run_with_cache(model, tok, names)
-        resid.append(torch.stack([cache[n][k.to(cache[n].device)].float().cpu() for n in names]))
-        top1.append(logits[k.to(logits.device)].argmax(-1).cpu())
+        stack = torch.stack([cache[n].float().cpu() for n in names])  # [L+1, b, T', d]
+        top = logits.argmax(-1).cpu()
+        for j, row in enumerate(rows.tolist()):
+            per_row[row] = (stack[:, j, k[j]], top[j, k[j]])
     seq, pos = keep.nonzero(as_tuple=True)
-    return States(torch.cat(resid, 1), torch.cat(top1), tokens[keep], seq, pos)
+    rows_in_order = range(tokens.shape[0])
+    resid = torch.cat([per_row[r][0] for r in rows_in_order], dim=1)
+    top1 = torch.cat([per_row[r][1] for r in rows_in_order])
+    return States(resid, top1, tokens[keep], seq, pos)
 
 
 def future_pairs(states: States, n_ahead: int, max_ahead: int | None = None) -> tuple[Tensor, Tensor]:
@@ -192,11 +208,22 @@ def top1(model, resid: Tensor, chunk: int = 512) -> Tensor:
 
 @torch.no_grad()
 def kl_to_final(model, resid: Tensor, final_logits: Tensor, chunk: int = 512) -> Tensor:
-    """KL(final output || decoded resid) per row, in nats: [n]."""
+    """KL(final output || decoded resid) per row, in nats: [n]. `final_logits` may be logits or log-probs."""
+    if resid.shape[0] != final_logits.shape[0]:
+        raise ValueError(f"{resid.shape[0]} residual rows but {final_logits.shape[0]} rows of final logits")
     dev = model.cfg.device
     out = [I.kl_divergence(final_logits[s:s + chunk].to(dev), I.unembed(model, resid[s:s + chunk].to(dev))).cpu()
            for s in range(0, len(resid), chunk)]
     return torch.cat(out)
+
+
+def accuracy_gap(correct_a: Tensor, correct_b: Tensor) -> tuple[float, float]:
+    """Mean of a minus mean of b for two 0/1 correctness vectors over the same items, and the standard error
+    of that paired difference: (gap, se)."""
+    if correct_a.shape != correct_b.shape or correct_a.ndim != 1 or len(correct_a) < 2:
+        raise ValueError("pass two 1-D correctness vectors of the same length (>= 2)")
+    diff = correct_a.float() - correct_b.float()
+    return diff.mean().item(), (diff.std() / len(diff) ** 0.5).item()
 
 
 # ---------------------------------------------------------------------------------------------

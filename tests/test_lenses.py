@@ -61,6 +61,13 @@ def test_future_pairs_and_sequence_split():
     assert (train ^ test).all() and len(states.seq[test].unique()) == 1
 
 
+def test_accuracy_gap_known_values():
+    gap, se = L.accuracy_gap(torch.tensor([1, 1, 1, 0]), torch.tensor([1, 0, 0, 0]))
+    assert gap == pytest.approx(0.5) and se == pytest.approx(0.2887, abs=1e-3)
+    with pytest.raises(ValueError):
+        L.accuracy_gap(torch.ones(3), torch.ones(4))
+
+
 def test_lookup_table_and_chained_prediction():
     table = L.lookup_table(torch.tensor([1, 2, 1, 1, 5, 2]), torch.tensor([2, 1, 2, 3, 6, 1]))
     assert table == {1: 2, 2: 1, 5: 6}
