@@ -1,0 +1,493 @@
+"""Tools for testing the linear representation hypothesis (notebook 03).
+
+Four families of functions:
+
+- **Concept directions in the unembedding** (Park, Choe & Veitch 2023, arXiv 2311.03658): the unembedding
+  vectors ``gamma``, differences over counterfactual word pairs, leave-one-out projections, and the *causal
+  inner product* ``<x, y>_C = x^T Cov(gamma)^-1 y`` (``CausalInnerProduct``).
+- **Directions in the residual stream**: difference of means and projections (intensity as magnitude).
+- **Additivity** of template-built inputs: one-hot designs with or without pairwise interactions, fitted by
+  ridge regression and scored by held-out R^2 (``crossval_r2``).
+- **Linear relational embeddings** (Hernandez et al. 2023, arXiv 2308.09124): the map from a subject's
+  hidden state at layer L to the last-layer hidden state at the last position, its Jacobian with
+  ``torch.func`` (``jacobian`` in full, ``jvp_batch`` to apply it to many vectors at the price of a few),
+  and ``estimate_lre`` / ``LinearRelation``.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from helpers import interventions as I
+
+# ---------------------------------------------------------------------------------------------
+# 1. unembedding geometry
+
+
+def unembedding(model) -> Tensor:
+    """The unembedding vectors gamma(y), one row per token: [vocab, d_model] (float32, detached).
+
+    In compatibility mode the final norm's scale is folded into ``W_U``, so these are the vectors that
+    multiply the *normalised* last hidden state: logit(y) = lambda^T gamma(y) (+ bias, if any)."""
+    return model.W_U.detach().T.float().contiguous()
+
+
+def token_ids(model, words: Sequence[str], prefix: str = " ") -> list[int]:
+    """Ids of `prefix + word` for each word; ValueError naming the first word that is not one token."""
+    if isinstance(words, str):
+        raise TypeError("words must be a list of strings, not one string")
+    return [I.token_id(model, prefix + w) for w in words]
+
+
+def single_token_pairs(model, pairs: Sequence[Sequence[str]], prefix: str = " ") -> list[tuple[str, str]]:
+    """The (base, target) pairs whose two words are each one token (with `prefix`) and differ as tokens."""
+    kept = []
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"a pair must have two words, got {pair!r}")
+        base, target = pair
+        if I.is_single_token(model, prefix + base) and I.is_single_token(model, prefix + target) \
+                and I.token_id(model, prefix + base) != I.token_id(model, prefix + target):
+            kept.append((base, target))
+    return kept
+
+
+def pair_differences(vectors: Tensor, base_ids: Sequence[int], target_ids: Sequence[int]) -> Tensor:
+    """vectors[target] - vectors[base] for each pair: [n_pairs, d]."""
+    if len(base_ids) != len(target_ids) or len(base_ids) == 0:
+        raise ValueError(f"need as many base ids as target ids, and at least one (got {len(base_ids)}, {len(target_ids)})")
+    return vectors[list(target_ids)] - vectors[list(base_ids)]
+
+
+def unit(x: Tensor, dim: int = -1) -> Tensor:
+    """x scaled to unit Euclidean norm along `dim` (a zero vector raises)."""
+    norm = x.norm(dim=dim, keepdim=True)
+    if (norm == 0).any():
+        raise ValueError("cannot normalise a zero vector")
+    return x / norm
+
+
+def concept_direction(diffs: Tensor) -> Tensor:
+    """The unit mean of a set of difference vectors [n, d] -> [d]."""
+    if diffs.ndim != 2:
+        raise ValueError(f"diffs must be [n_pairs, d], got shape {tuple(diffs.shape)}")
+    return unit(diffs.mean(0))
+
+
+def loo_projections(diffs: Tensor) -> Tensor:
+    """Leave-one-out: each difference projected on the unit mean of all the *other* differences: [n]."""
+    n = diffs.shape[0] if diffs.ndim == 2 else 0
+    if n < 2:
+        raise ValueError(f"leave-one-out needs at least 2 differences [n, d], got shape {tuple(diffs.shape)}")
+    others = (diffs.sum(0, keepdim=True) - diffs) / (n - 1)  # row i: the mean of all rows but i
+    return (unit(others) * diffs).sum(-1)
+
+
+def random_pair_differences(vectors: Tensor, n: int, candidates: Sequence[int] | None = None,
+                            seed: int = 0) -> Tensor:
+    """Differences between `n` random pairs of rows (drawn from `candidates`, default all rows): [n, d]."""
+    pool = torch.as_tensor(list(candidates) if candidates is not None else range(vectors.shape[0]))
+    if len(pool) < 2:
+        raise ValueError("need at least two candidate rows")
+    g = torch.Generator().manual_seed(seed)
+    a = pool[torch.randint(len(pool), (n,), generator=g)]
+    b = pool[torch.randint(len(pool), (n,), generator=g)]
+    return vectors[a] - vectors[b]
+
+
+@dataclass
+class CausalInnerProduct:
+    """<x, y>_C = x^T Cov(gamma)^-1 y, estimated from the unembedding vectors (Park et al. 2023, sec. 3).
+
+    ``whiten(x) = x @ Cov^-1/2`` maps unembedding-space vectors to coordinates where the causal inner product
+    is the Euclidean one (the paper's ``g(y)``); ``to_embedding(x) = Cov^-1 x`` maps an unembedding
+    representation to the matching embedding (residual-stream) representation."""
+
+    mean: Tensor            # [d] mean unembedding vector
+    cov: Tensor             # [d, d]
+    inv_sqrt: Tensor        # [d, d] Cov^-1/2
+    sqrt: Tensor            # [d, d] Cov^1/2
+
+    @property
+    def matrix(self) -> Tensor:
+        """Cov^-1, the metric of the causal inner product."""
+        return self.inv_sqrt @ self.inv_sqrt
+
+    def whiten(self, x: Tensor) -> Tensor:
+        return x @ self.inv_sqrt
+
+    def inner(self, x: Tensor, y: Tensor) -> Tensor:
+        """<x, y>_C along the last dimension."""
+        return (self.whiten(x) * self.whiten(y)).sum(-1)
+
+    def to_embedding(self, x: Tensor) -> Tensor:
+        """Cov^-1 x: the direction in the (normalised) final hidden state that represents the same concept."""
+        return x @ self.matrix
+
+
+def causal_inner_product(gamma: Tensor, eps: float = 0.0) -> CausalInnerProduct:
+    """Estimate the causal inner product from unembedding vectors gamma [vocab, d] (vocab > d).
+
+    `eps` (relative to the mean eigenvalue) is added to the diagonal when Cov is close to singular."""
+    if gamma.ndim != 2 or gamma.shape[0] <= gamma.shape[1]:
+        raise ValueError(f"gamma must be [vocab, d] with vocab > d, got shape {tuple(gamma.shape)}")
+    gamma = gamma.double()
+    mean = gamma.mean(0)
+    centred = gamma - mean
+    cov = centred.T @ centred / gamma.shape[0]
+    evals, evecs = torch.linalg.eigh(cov)
+    if eps:
+        evals = evals + eps * evals.mean()
+    if evals.min() <= 0:
+        raise ValueError("Cov(gamma) is singular: pass eps > 0")
+    inv_sqrt = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    sqrt = evecs @ torch.diag(evals.sqrt()) @ evecs.T
+    f = torch.float32
+    return CausalInnerProduct(mean.to(f), cov.to(f), inv_sqrt.to(f), sqrt.to(f))
+
+
+def random_metric(d: int, seed: int = 0) -> Tensor:
+    """A random positive semi-definite metric M = R R^T with R = |N(0, 1)| [d, d], as in Park et al.'s code."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(d, d, generator=g).abs()
+    return r @ r.T
+
+
+def cosine_matrix(directions: Tensor, metric: Tensor | None = None) -> Tensor:
+    """Cosines between rows of `directions` [k, d] under x^T M y (M = identity when None): [k, k]."""
+    if directions.ndim != 2:
+        raise ValueError(f"directions must be [k, d], got shape {tuple(directions.shape)}")
+    gram = directions @ directions.T if metric is None else directions @ metric @ directions.T
+    norms = gram.diagonal().clamp_min(1e-30).sqrt()
+    return gram / norms[:, None] / norms[None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. directions in the residual stream
+
+
+def mean_difference(acts: Tensor, labels: Sequence[int] | Tensor, high, low) -> Tensor:
+    """mean(acts[labels == high]) - mean(acts[labels == low]) for acts [n, d]."""
+    labels = torch.as_tensor(np.asarray(labels))
+    if acts.ndim != 2 or len(labels) != acts.shape[0]:
+        raise ValueError(f"acts must be [n, d] with one label per row; got {tuple(acts.shape)} and {len(labels)} labels")
+    hi, lo = labels == high, labels == low
+    if not hi.any() or not lo.any():
+        raise ValueError(f"no rows with label {high!r} or {low!r}")
+    return acts[hi].mean(0) - acts[lo].mean(0)
+
+
+def projections(acts: Tensor, direction: Tensor) -> Tensor:
+    """Scalar projection of each row of acts [n, d] on the unit `direction` [d]: [n]."""
+    return acts @ unit(direction)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. additivity
+
+
+def factor_design(levels: np.ndarray, interactions: bool = False) -> np.ndarray:
+    """Design matrix for factors coded as integers levels [n, n_factors]: an intercept, one-hot columns per
+    factor (first level dropped), and with `interactions` every product of two columns of different factors."""
+    levels = np.asarray(levels)
+    if levels.ndim != 2 or not np.issubdtype(levels.dtype, np.integer):
+        raise ValueError(f"levels must be an integer array [n, n_factors], got {levels.dtype} {levels.shape}")
+    blocks = []
+    for j in range(levels.shape[1]):
+        values = np.unique(levels[:, j])
+        blocks.append(np.stack([(levels[:, j] == v).astype(float) for v in values[1:]], 1)
+                      if len(values) > 1 else np.zeros((len(levels), 0)))
+    columns = [np.ones((len(levels), 1))] + blocks
+    if interactions:
+        for a, b in itertools.combinations(range(len(blocks)), 2):
+            if blocks[a].shape[1] and blocks[b].shape[1]:
+                columns.append((blocks[a][:, :, None] * blocks[b][:, None, :]).reshape(len(levels), -1))
+    return np.concatenate(columns, axis=1)
+
+
+def heldout_r2(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y_test: np.ndarray,
+               alpha: float = 1e-3) -> float:
+    """Fit ridge Y ~ X (closed form, no extra intercept: put one in X) on the training rows and return the
+    variance-weighted R^2 on the test rows: 1 - total squared error / total variance of Y_test around its mean."""
+    if len(X_train) != len(Y_train) or len(X_test) != len(Y_test):
+        raise ValueError("X and Y must have the same number of rows")
+    if X_train.shape[1] != X_test.shape[1]:
+        raise ValueError(f"train and test designs differ in width: {X_train.shape[1]} vs {X_test.shape[1]}")
+    gram = X_train.T @ X_train + alpha * np.eye(X_train.shape[1])
+    weights = np.linalg.solve(gram, X_train.T @ Y_train)
+    resid = Y_test - X_test @ weights
+    total = ((Y_test - Y_test.mean(0)) ** 2).sum()
+    return float(1 - (resid ** 2).sum() / total)
+
+
+def crossval_r2(levels: np.ndarray, Y: np.ndarray | Tensor, interactions: bool = False,
+                factors: Sequence[int] | None = None, n_splits: int = 5, seed: int = 0,
+                alpha: float = 1e-3) -> float:
+    """Mean held-out R^2 over `n_splits` folds of combinations (KFold, shuffled with `seed`).
+
+    `factors` restricts the model to some factors (e.g. [2]: the last word alone)."""
+    from sklearn.model_selection import KFold
+
+    levels = np.asarray(levels)
+    Y = Y.detach().cpu().numpy() if isinstance(Y, Tensor) else np.asarray(Y)
+    if len(levels) != len(Y):
+        raise ValueError(f"{len(levels)} rows of levels but {len(Y)} rows of Y")
+    cols = levels if factors is None else levels[:, list(factors)]
+    X = factor_design(cols, interactions)
+    scores = [heldout_r2(X[tr], Y[tr], X[te], Y[te], alpha)
+              for tr, te in KFold(n_splits, shuffle=True, random_state=seed).split(X)]
+    return float(np.mean(scores))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. linear relational embeddings
+
+
+def jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, chunk_size: int | None = None) -> Tensor:
+    """The Jacobian d fn(x) / dx of a vector function [d_in] -> [d_out]: [d_out, d_in].
+
+    Forward mode (torch.func.jvp on each basis vector, vmapped `chunk_size` at a time), like torch.func.jacfwd."""
+    if x.ndim != 1:
+        raise ValueError(f"x must be a vector [d], got shape {tuple(x.shape)}")
+    basis = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
+    return jvp_batch(fn, x, basis, chunk_size=chunk_size)[1].T
+
+
+def jvp_batch(fn: Callable[[Tensor], Tensor], x: Tensor, tangents: Tensor,
+              chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """fn(x) and the Jacobian applied to each row of tangents [k, d_in]: ([d_out], [k, d_out]).
+
+    Costs about one forward pass per tangent (batched with vmap), against d_in of them for the full Jacobian."""
+    if x.ndim != 1 or tangents.ndim != 2 or tangents.shape[1] != x.shape[0]:
+        raise ValueError(f"need x [d] and tangents [k, d]; got {tuple(x.shape)} and {tuple(tangents.shape)}")
+    out = fn(x)
+    jv = torch.func.vmap(lambda v: torch.func.jvp(fn, (x,), (v,))[1], chunk_size=chunk_size)(tangents)
+    return out, jv
+
+
+def subject_position(model, template: str, subject: str) -> int:
+    """Index (in the model's tokens, BOS included) of the subject's last token in ``template.format(subject)``.
+
+    The template must contain one ``{}``; raises when the subject does not end on a token boundary."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ValueError(f"template must contain exactly one '{{}}', got {template!r}")
+    prefix = template.split("{}")[0] + subject
+    full = model.to_tokens(template.format(subject))[0]
+    head = model.to_tokens(prefix)[0]
+    if len(head) > len(full) or not torch.equal(full[:len(head)], head):
+        raise ValueError(f"the subject {subject!r} does not end on a token boundary in {template.format(subject)!r}")
+    return len(head) - 1
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted activation is stored."""
+
+
+def hidden_to_output(model, prompt: str, layer: int, pos: int) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
+    """The map h -> z of one prompt: h replaces the residual stream entering block `layer` at position `pos`,
+    z is the residual stream after the last block at the last position. Returns (fn, h, z) at the model's
+    own h. fn runs the model with hooks (skipping the unembedding) and works under torch.func transforms."""
+    n = I.n_layers(model)
+    layer = I.check_layer(model, layer)  # h must enter a block: 0 .. n_layers - 1
+    tokens = I.to_tokens(model, prompt)
+    if not -tokens.shape[1] <= pos < tokens.shape[1]:
+        raise IndexError(f"position {pos} is outside the prompt's {tokens.shape[1]} tokens")
+    pos = pos % tokens.shape[1]
+    in_name, out_name = I.resid_name(model, layer), I.resid_name(model, n)
+    mask = torch.zeros(1, tokens.shape[1], 1, device=tokens.device)
+    mask[0, pos] = 1.0
+
+    def fn(h: Tensor) -> Tensor:
+        store = {}
+
+        def put(resid, hook=None):
+            return resid + mask.to(resid.dtype) * (h.to(resid.dtype) - resid)  # out of place: torch.func safe
+
+        def take(resid, hook=None):
+            store["z"] = resid[0, -1]
+            raise _Stop
+
+        try:
+            model.run_with_hooks(tokens, fwd_hooks=[(in_name, put), (out_name, take)], return_type=None)
+        except _Stop:
+            pass
+        if "z" not in store:
+            raise RuntimeError(f"the hook on {out_name} never ran")
+        return store["z"]
+
+    with torch.no_grad():
+        _, cache = I.run_with_cache(model, tokens, [in_name, out_name])
+    return fn, cache[in_name][0, pos].clone(), cache[out_name][0, -1].clone()
+
+
+@dataclass
+class LinearRelation:
+    """o(s) = beta * W s + bias, an LRE at `layer` (Hernandez et al. 2023). `weight` is None when the map
+    was only applied to given vectors (``estimate_lre(..., full=False)``): then call it with no argument."""
+
+    layer: int
+    bias: Tensor                          # [d] mean of z_i - J_i h_i
+    beta: float = 1.0
+    weight: Tensor | None = None          # [d, d] mean Jacobian
+    applied: Tensor | None = None         # [n, d] mean_i J_i applied to the vectors given as `apply_to`
+    h_train: Tensor | None = None         # [k, d] the training subjects' hidden states
+    z_train: Tensor | None = None         # [k, d] the matching last-layer outputs
+
+    def __call__(self, h: Tensor | None = None, beta: float | None = None) -> Tensor:
+        """beta * W h + bias for rows h [n, d] (needs `weight`), or for the `apply_to` vectors (h=None)."""
+        beta = self.beta if beta is None else beta
+        if h is None:
+            if self.applied is None:
+                raise ValueError("this LRE was fitted without apply_to vectors; pass h")
+            return beta * self.applied + self.bias
+        if self.weight is None:
+            raise ValueError("this LRE has no weight matrix (fitted with full=False); use apply_to at fit time")
+        return beta * (h @ self.weight.T) + self.bias
+
+
+def estimate_lre(model, template: str, subjects: Sequence[str], layer: int, apply_to: Tensor | None = None,
+                 full: bool = False, beta: float = 1.0, chunk_size: int | None = 64) -> LinearRelation:
+    """Estimate an LRE from a few subjects in one prompt template: W = mean_i J_i, bias = mean_i (z_i - J_i h_i),
+    with J_i the Jacobian of the last-layer hidden state (last position) with respect to the subject's
+    last-token hidden state entering block `layer`, in ``template.format(subject_i)``.
+
+    full=True forms W (d_model Jacobian-vector products per subject); otherwise only W applied to the rows of
+    `apply_to` [n, d] is computed (n + 1 products per subject): the same numbers for a fraction of the cost."""
+    if isinstance(subjects, str) or len(subjects) == 0:
+        raise ValueError("subjects must be a non-empty list of strings")
+    if not full and apply_to is None:
+        raise ValueError("pass apply_to (the vectors to map) or full=True")
+    if apply_to is not None and (apply_to.ndim != 2 or apply_to.shape[1] != model.cfg.d_model):
+        raise ValueError(f"apply_to must be [n, d_model], got shape {tuple(apply_to.shape)}")
+    hs, zs, biases, applied, weights = [], [], [], [], []
+    for subject in subjects:
+        pos = subject_position(model, template, subject)
+        fn, h, z = hidden_to_output(model, template.format(subject), layer, pos)
+        with torch.no_grad():  # forward-mode AD still runs; no reverse-mode graph is recorded
+            jh, jv, J = _linearise(fn, h, apply_to, full, chunk_size)
+        if full:
+            weights.append(J)
+        applied.append(jv)
+        hs.append(h)
+        zs.append(z)
+        biases.append(z - jh)
+    if apply_to is None:
+        applied = []
+    return LinearRelation(
+        layer=layer, bias=torch.stack(biases).mean(0), beta=beta,
+        weight=torch.stack(weights).mean(0) if full else None,
+        applied=torch.stack(applied).mean(0) if applied else None,
+        h_train=torch.stack(hs), z_train=torch.stack(zs))
+
+
+def _linearise(fn, h, apply_to, full, chunk_size):
+    """(J h, J apply_to^T rows or None, J or None) for one subject."""
+    if full:
+        J = jacobian(fn, h, chunk_size=chunk_size)
+        return J @ h, (apply_to @ J.T if apply_to is not None else None), J
+    _, jv = jvp_batch(fn, h, torch.cat([h[None], apply_to]), chunk_size=chunk_size)
+    return jv[0], jv[1:], None
+
+
+@torch.no_grad()
+def subject_states(model, template: str, subjects: Sequence[str], layers: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Hidden states of each subject's last token entering each block in `layers` ([n_layers_sel, n, d]) and
+    the last-layer hidden state at the last position ([n, d]), for ``template.format(subject)``."""
+    n = I.n_layers(model)
+    names = [I.resid_name(model, I.check_layer(model, l)) for l in layers]
+    out_name = I.resid_name(model, n)
+    hs, zs = [], []
+    for subject in subjects:
+        pos = subject_position(model, template, subject)
+        _, cache = I.run_with_cache(model, template.format(subject), names + [out_name])
+        hs.append(torch.stack([cache[nm][0, pos] for nm in names]))
+        zs.append(cache[out_name][0, -1])
+    return torch.stack(hs, 1), torch.stack(zs)
+
+
+@torch.no_grad()
+def decode_top(model, z: Tensor) -> Tensor:
+    """Top token id of final norm + unembedding of hidden states z [n, d]: [n]."""
+    return I.unembed(model, z).argmax(-1)
+
+
+def faithfulness(predicted: Tensor | Sequence[int], target: Tensor | Sequence[int]) -> float:
+    """Fraction of rows whose predicted top token equals the target token."""
+    predicted, target = torch.as_tensor(predicted), torch.as_tensor(target)
+    if predicted.shape != target.shape or predicted.numel() == 0:
+        raise ValueError(f"need two non-empty id lists of the same length; got {tuple(predicted.shape)}, {tuple(target.shape)}")
+    return float((predicted == target).float().mean())
+
+
+def choose_beta(model, lre: LinearRelation, targets: Tensor, betas: Sequence[float], rows: slice | Sequence[int]) -> float:
+    """The beta (from `betas`) whose LRE outputs give the highest mean log-probability to `targets` on the
+    given rows of the `apply_to` vectors (use training rows only)."""
+    if len(betas) == 0:
+        raise ValueError("betas is empty")
+    targets = torch.as_tensor(targets)
+    scores = []
+    for beta in betas:
+        logp = I.unembed(model, lre(beta=beta)[rows]).log_softmax(-1)
+        scores.append(logp.gather(1, targets[:, None]).mean().item())
+    return float(betas[int(np.argmax(scores))])
+
+
+def lre_layer_sweep(model, template: str, train: Sequence[str], test: Sequence[str], layers: Sequence[int],
+                    betas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)) -> list[dict]:
+    """Faithfulness on held-out `test` subjects of an LRE fitted on `train` subjects, at each layer, against
+    two baselines: identity (decode s itself) and translation (decode s + mean(z - s) over train).
+
+    The target of each test subject is the model's own top token on its prompt. beta is chosen per layer on
+    the training subjects (``choose_beta``). Returns one dict per layer."""
+    subjects = list(train) + list(test)
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError("need at least one training and one test subject")
+    H, Z = subject_states(model, template, subjects, layers)  # [n_sel_layers, n, d], [n, d]
+    targets = decode_top(model, Z)
+    n_tr = len(train)
+    rows = []
+    for li, layer in enumerate(layers):
+        h = H[li]
+        lre = estimate_lre(model, template, list(train), layer, apply_to=h)
+        beta = choose_beta(model, lre, targets[:n_tr], betas, slice(0, n_tr))
+        shift = (Z[:n_tr] - h[:n_tr]).mean(0)
+        rows.append(dict(
+            layer=layer, beta=beta,
+            lre=faithfulness(decode_top(model, lre(beta=beta)[n_tr:]), targets[n_tr:]),
+            lre_train=faithfulness(decode_top(model, lre(beta=beta)[:n_tr]), targets[:n_tr]),
+            identity=faithfulness(decode_top(model, h[n_tr:]), targets[n_tr:]),
+            translation=faithfulness(decode_top(model, h[n_tr:] + shift), targets[n_tr:]),
+        ))
+    return rows
+
+
+@torch.no_grad()
+def known_facts(model, template: str, samples: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
+    """The (subject, object) samples whose object's first token (with a leading space) is the model's top
+    next token after ``template.format(subject)``: the facts the model knows, as Hernandez et al. evaluate."""
+    samples = [tuple(s) for s in samples]
+    if not samples or any(len(s) != 2 for s in samples):
+        raise ValueError("samples must be a non-empty list of (subject, object) pairs")
+    top = I.logits(model, [template.format(s) for s, _ in samples]).argmax(-1).tolist()
+    first = [model.tokenizer.encode(" " + o, add_special_tokens=False)[0] for _, o in samples]
+    return [s for s, t, f in zip(samples, top, first) if t == f]
+
+
+def graded_prompts(concepts: dict) -> dict[str, np.ndarray]:
+    """Fill every template with every word of every level: arrays prompt, concept, template (index), level.
+
+    `concepts` maps a name to {"levels": [[words of level 0], [level 1], ...], "templates": ["... {} ..."]}."""
+    rows = []
+    for name, spec in concepts.items():
+        for t, template in enumerate(spec["templates"]):
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} of {name!r} must contain exactly one '{{}}'")
+            for level, words in enumerate(spec["levels"]):
+                rows += [(template.format(w), name, t, level) for w in words]
+    prompt, concept, template, level = zip(*rows)
+    return dict(prompt=np.array(prompt), concept=np.array(concept), template=np.array(template), level=np.array(level))

@@ -1,0 +1,219 @@
+"""helpers.linear_rep: known answers for the causal inner product, additivity fits and LRE Jacobians."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import interventions as I
+from helpers import linear_rep as LR
+from tests.conftest import EIFFEL
+
+
+# ---------------------------------------------------------------------------------------------
+# unembedding geometry (no model needed)
+def _gamma(n=4000, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g)  # correlated, anisotropic coordinates
+    return torch.randn(n, d, generator=g) @ mix + 3.0
+
+
+def test_causal_inner_product_whitens():
+    gamma = _gamma()
+    cip = LR.causal_inner_product(gamma)
+    g = cip.whiten(gamma)
+    cov = torch.cov(g.T, correction=0)
+    assert torch.allclose(cov, torch.eye(16), atol=1e-3)
+    assert torch.allclose(cip.sqrt @ cip.inv_sqrt, torch.eye(16), atol=1e-3)
+    x, y = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(cip.inner(x, y), x @ torch.linalg.inv(cip.cov) @ y, rtol=1e-3)
+    assert torch.allclose(cip.to_embedding(x), x @ torch.linalg.inv(cip.cov), rtol=1e-3, atol=1e-4)
+
+
+def test_causal_inner_product_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="vocab > d"):
+        LR.causal_inner_product(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="singular"):
+        LR.causal_inner_product(torch.randn(100, 1) @ torch.randn(1, 4))  # rank 1
+
+
+def test_loo_projection_is_against_the_other_rows():
+    diffs = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    loo = LR.loo_projections(diffs)
+    # row 0 on mean(rows 1, 2) = (0.5, 1) / |.|; row 2 on mean(rows 0, 1) = (1, 0)
+    assert loo[0].item() == pytest.approx(0.5 / np.sqrt(1.25))
+    assert loo[2].item() == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        LR.loo_projections(diffs[:1])
+
+
+def test_concept_direction_and_pairs():
+    vectors = torch.eye(4)
+    diffs = LR.pair_differences(vectors, [0, 0], [1, 1])
+    assert torch.equal(LR.concept_direction(diffs), torch.tensor([-1.0, 1.0, 0, 0]) / np.sqrt(2))
+    with pytest.raises(ValueError, match="as many"):
+        LR.pair_differences(vectors, [0], [1, 2])
+    with pytest.raises(ValueError, match="zero vector"):
+        LR.unit(torch.zeros(3))
+
+
+def test_cosine_matrix_identity_metric_and_random_metric():
+    d = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 3.0]])
+    c = LR.cosine_matrix(d)
+    assert torch.allclose(c.diagonal(), torch.ones(3))
+    assert c[0, 2].item() == pytest.approx(0.0)
+    assert c[0, 1].item() == pytest.approx(1 / np.sqrt(2))
+    m = LR.random_metric(2, seed=0)
+    assert torch.allclose(m, m.T) and (torch.linalg.eigvalsh(m) >= -1e-5).all()
+    assert torch.allclose(LR.cosine_matrix(d, torch.eye(2)), c)
+
+
+def test_random_pairs_have_zero_mean_projection():
+    gamma = _gamma()
+    diffs = LR.random_pair_differences(gamma, 20000, seed=0)
+    assert diffs.shape == (20000, 16)
+    direction = LR.unit(torch.ones(16))
+    assert abs((diffs @ direction).mean().item()) < 0.05 * (diffs @ direction).std().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# residual-stream directions and additivity
+def test_mean_difference_and_projection():
+    acts = torch.tensor([[0.0, 0.0], [2.0, 0.0], [4.0, 2.0], [6.0, 2.0]])
+    diff = LR.mean_difference(acts, [0, 0, 1, 1], high=1, low=0)
+    assert torch.equal(diff, torch.tensor([4.0, 2.0]))
+    assert torch.allclose(LR.projections(acts, torch.tensor([0.0, 5.0])), acts[:, 1])
+    with pytest.raises(ValueError, match="no rows"):
+        LR.mean_difference(acts, [0, 0, 1, 1], high=2, low=0)
+
+
+def _combinations(sizes=(4, 4, 4)):
+    import itertools
+
+    return np.array(list(itertools.product(*[range(s) for s in sizes])))
+
+
+def test_factor_design_columns():
+    levels = _combinations((3, 2))
+    assert LR.factor_design(levels).shape == (6, 1 + 2 + 1)
+    assert LR.factor_design(levels, interactions=True).shape == (6, 1 + 2 + 1 + 2)
+    with pytest.raises(ValueError, match="integer"):
+        LR.factor_design(levels.astype(float))
+
+
+def test_exactly_additive_data_has_heldout_r2_one():
+    levels = _combinations()
+    rng = np.random.default_rng(0)
+    vecs = [rng.normal(size=(4, 32)) for _ in range(3)]
+    Y = 5 + sum(v[levels[:, j]] for j, v in enumerate(vecs))
+    assert LR.crossval_r2(levels, Y) == pytest.approx(1.0, abs=1e-4)
+    assert LR.crossval_r2(levels, Y, interactions=True) == pytest.approx(1.0, abs=1e-4)
+    # one factor alone explains only its share of the variance
+    assert LR.crossval_r2(levels, Y, factors=[2]) < 0.6
+
+
+def test_interaction_model_wins_when_data_interacts():
+    levels = _combinations()
+    rng = np.random.default_rng(1)
+    table = rng.normal(size=(4, 4, 32))  # a pure texture x colour interaction
+    Y = table[levels[:, 0], levels[:, 1]] + 0.01 * rng.normal(size=(len(levels), 32))
+    assert LR.crossval_r2(levels, Y, interactions=True) > 0.95
+    assert LR.crossval_r2(levels, Y) < LR.crossval_r2(levels, Y, interactions=True) - 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# Jacobians
+def test_jacobian_of_a_linear_map_is_the_map():
+    g = torch.Generator().manual_seed(0)
+    A, b = torch.randn(5, 7, generator=g), torch.randn(5, generator=g)
+    x = torch.randn(7, generator=g)
+    assert torch.allclose(LR.jacobian(lambda v: A @ v + b, x), A, atol=1e-6)
+    V = torch.randn(3, 7, generator=g)
+    fx, jv = LR.jvp_batch(lambda v: A @ v + b, x, V)
+    assert torch.allclose(fx, A @ x + b) and torch.allclose(jv, V @ A.T, atol=1e-5)
+    with pytest.raises(ValueError):
+        LR.jacobian(lambda v: v, torch.zeros(2, 2))
+    with pytest.raises(ValueError):
+        LR.jvp_batch(lambda v: v, x, torch.zeros(3, 6))
+
+
+def test_jacobian_of_a_nonlinear_map():
+    x = torch.tensor([0.5, -1.0, 2.0])
+    J = LR.jacobian(torch.tanh, x)
+    assert torch.allclose(J, torch.diag(1 - torch.tanh(x) ** 2), atol=1e-6)
+
+
+def test_lre_of_a_linear_map_recovers_it():
+    A = torch.randn(4, 4, generator=torch.Generator().manual_seed(3))
+    lre = LR.LinearRelation(layer=0, bias=torch.ones(4), weight=A, beta=2.0)
+    h = torch.randn(2, 4)
+    assert torch.allclose(lre(h), 2.0 * h @ A.T + 1)
+    assert torch.allclose(lre(h, beta=1.0), h @ A.T + 1)
+    with pytest.raises(ValueError, match="apply_to"):
+        lre()
+
+
+# ---------------------------------------------------------------------------------------------
+# on the real model
+def test_subject_position(model):
+    tpl = "The {} is located in the city of"
+    pos = LR.subject_position(model, tpl, "Eiffel Tower")
+    assert model.to_str_tokens(tpl.format("Eiffel Tower"))[pos] == " Tower"
+    assert LR.subject_position(model, "The opposite of up is down, and the opposite of {} is", "up") == \
+        len(model.to_tokens("The opposite of up is down, and the opposite of up")[0]) - 1
+    with pytest.raises(ValueError, match="exactly one"):
+        LR.subject_position(model, "no slot", "x")
+
+
+def test_hidden_to_output_reproduces_the_model(model):
+    tpl = "The {} is located in the city of"
+    pos = LR.subject_position(model, tpl, "Eiffel Tower")
+    fn, h, z = LR.hidden_to_output(model, EIFFEL, 12, pos)
+    before = I.logits(model, EIFFEL)
+    assert torch.allclose(fn(h), z, atol=1e-4)
+    fn(h * 3)  # the forward pass stops early (an exception inside a hook): its hooks must still be removed
+    assert torch.equal(I.logits(model, EIFFEL), before)
+    assert model.tokenizer.decode([LR.decode_top(model, z[None])[0].item()]) == " Paris"
+    with pytest.raises(IndexError):
+        LR.hidden_to_output(model, EIFFEL, model.cfg.n_layers, pos)  # h must enter a block
+
+
+def test_lre_jvp_matches_finite_differences(model):
+    tpl = "The {} is located in the city of"
+    layer = model.cfg.n_layers - 3  # few layers after it: fast
+    pos = LR.subject_position(model, tpl, "Eiffel Tower")
+    fn, h, z = LR.hidden_to_output(model, tpl.format("Eiffel Tower"), layer, pos)
+    v = torch.randn(1, model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * h.norm() / 24
+    with torch.no_grad():
+        _, jv = LR.jvp_batch(fn, h, torch.cat([h[None], v]))
+        fd = (fn(h + 1e-2 * v[0]) - fn(h - 1e-2 * v[0])) / 2e-2
+    assert (fd - jv[1]).norm() / jv[1].norm() < 1e-2
+    lre = LR.estimate_lre(model, tpl, ["Eiffel Tower"], layer, apply_to=v)
+    assert torch.allclose(lre.bias, z - jv[0], atol=1e-3)        # bias = z - J h
+    assert torch.allclose(lre.applied[0], jv[1], atol=1e-3)      # W v = J v
+    # with one example and beta = 1 the LRE reproduces that example's output exactly
+    lre_h = LR.estimate_lre(model, tpl, ["Eiffel Tower"], layer, apply_to=h[None])
+    assert torch.allclose(lre_h(beta=1.0)[0], z, atol=1e-3)
+
+
+def test_full_jacobian_lre_matches_the_jvp_lre(model):
+    tpl = "The {} is located in the city of"
+    layer = model.cfg.n_layers - 1  # one block after it: the full Jacobian is cheap
+    subjects = ["Colosseum"]
+    H, Z = LR.subject_states(model, tpl, subjects, [layer])
+    lazy = LR.estimate_lre(model, tpl, subjects, layer, apply_to=H[0])
+    full = LR.estimate_lre(model, tpl, subjects, layer, apply_to=H[0], full=True, chunk_size=192)
+    assert full.weight.shape == (model.cfg.d_model, model.cfg.d_model)
+    assert torch.allclose(full.applied, lazy.applied, atol=1e-3, rtol=1e-3)
+    assert torch.allclose(full.bias, lazy.bias, atol=1e-3, rtol=1e-3)
+    assert torch.allclose(full(H[0]), lazy(), atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="apply_to"):
+        LR.estimate_lre(model, tpl, subjects, layer)
+
+
+def test_known_facts_and_graded_prompts(model):
+    known = LR.known_facts(model, "The capital of {} is", [("France", "Paris"), ("France", "Berlin")])
+    assert known == [("France", "Paris")]
+    g = LR.graded_prompts({"c": {"levels": [["a"], ["b", "c"]], "templates": ["x {}.", "y {}."]}})
+    assert list(g["prompt"]) == ["x a.", "x b.", "x c.", "y a.", "y b.", "y c."]
+    assert list(g["level"]) == [0, 1, 1, 0, 1, 1] and list(g["template"]) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="exactly one"):
+        LR.graded_prompts({"c": {"levels": [["a"]], "templates": ["no slot"]}})
