@@ -235,6 +235,22 @@ def accuracy(logits: Tensor, answers: Tensor) -> float:
     return (logits.argmax(-1).cpu() == answers.cpu()).float().mean().item()
 
 
+@torch.no_grad()
+def correct(model, prompts: Sequence[Prompt], vector: Tensor | None = None, layer: int | None = None,
+            scale: float = 1.0, batch_size: int = 32) -> Tensor:
+    """Whether the model's top-1 next token is each prompt's answer (first token): [n] bool. With `vector`,
+    scale * vector is added to the residual stream entering `layer` at the last position first."""
+    if not prompts or not all(isinstance(p, Prompt) for p in prompts):
+        raise TypeError("prompts must be a non-empty list of Prompt (see icl_prompts, zero_shot_prompts)")
+    if vector is None:
+        logits, _ = last_token_logits(model, texts(prompts), batch_size=batch_size)
+    else:
+        if layer is None:
+            raise ValueError("give the layer to add the vector at")
+        logits = add_to_last(model, texts(prompts), vector, layer, scale=scale, batch_size=batch_size)
+    return logits.argmax(-1).cpu() == answer_ids(model, prompts)
+
+
 def answer_probs(logits: Tensor, answers: Tensor) -> Tensor:
     """Probability of each row's answer token: [n]."""
     return logits.float().softmax(-1).gather(-1, answers.to(logits.device)[:, None])[:, 0].cpu()

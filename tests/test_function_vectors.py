@@ -108,3 +108,15 @@ def test_bad_inputs_raise(model):
         FV.head_outputs(model, torch.zeros(3, 4, 5))
     with pytest.raises(ValueError, match="shots"):
         FV.icl_prompts(PAIRS, n_prompts=2, n_shots=10)
+
+
+def test_correct_known_answers_and_zero_vector(model):
+    prompts = [FV.Prompt("The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris"),
+               FV.Prompt("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome")]
+    assert FV.correct(model, prompts).tolist() == [True, False]
+    zero = torch.zeros(model.cfg.d_model)
+    assert FV.correct(model, prompts, zero, layer=5).tolist() == [True, False]
+    with pytest.raises(ValueError, match="layer"):
+        FV.correct(model, prompts, zero)
+    with pytest.raises(TypeError):
+        FV.correct(model, ["a string, not a Prompt"])
