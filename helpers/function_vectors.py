@@ -237,9 +237,10 @@ def accuracy(logits: Tensor, answers: Tensor) -> float:
 
 @torch.no_grad()
 def correct(model, prompts: Sequence[Prompt], vector: Tensor | None = None, layer: int | None = None,
-            scale: float = 1.0, batch_size: int = 32) -> Tensor:
-    """Whether the model's top-1 next token is each prompt's answer (first token): [n] bool. With `vector`,
-    scale * vector is added to the residual stream entering `layer` at the last position first."""
+            scale: float = 1.0, batch_size: int = 64) -> Tensor:
+    """Whether the model's top-1 next token is each prompt's answer (first token): [n] bool. With `vector`
+    ([d_model], or [n, d_model] one per prompt), scale * vector is added to the residual stream entering `layer`
+    at the last position first."""
     if not prompts or not all(isinstance(p, Prompt) for p in prompts):
         raise TypeError("prompts must be a non-empty list of Prompt (see icl_prompts, zero_shot_prompts)")
     if vector is None:
@@ -311,11 +312,35 @@ def random_heads(n_layers: int, n_heads: int, k: int, seed: int = 0, exclude: Se
 
 @torch.no_grad()
 def add_to_last(model, prompts: Sequence[str], vector: Tensor, layer: int, scale: float = 1.0,
-                batch_size: int = 32) -> Tensor:
-    """Last-token logits with scale * vector added to the residual stream entering `layer` at the last position."""
-    chunks = [I.add_vector(model, list(prompts[s:s + batch_size]), vector, layer, scale=scale, pos=-1)
+                batch_size: int = 64) -> Tensor:
+    """Last-token logits with scale * vector added to the residual stream entering `layer` at the last position.
+    `vector`: [d_model] for every prompt, or [n_prompts, d_model], one row per prompt."""
+    vector = torch.as_tensor(vector)
+    if vector.ndim == 2 and vector.shape[0] != len(prompts):
+        raise ValueError(f"{vector.shape[0]} vectors for {len(prompts)} prompts")
+    if vector.ndim not in (1, 2):
+        raise ValueError(f"vector must be [d_model] or [n_prompts, d_model], got shape {tuple(vector.shape)}")
+    chunks = [I.add_vector(model, list(prompts[s:s + batch_size]), vector if vector.ndim == 1 else vector[s:s + batch_size],
+                           layer, scale=scale, pos=-1)
               for s in range(0, len(prompts), batch_size)]
     return torch.cat(chunks).float()
+
+
+def correct_by_task(model, prompts: dict[str, Sequence[Prompt]], vectors: dict[str, Tensor] | None = None,
+                    layer: int | None = None, scale: float = 1.0, batch_size: int = 64) -> dict[str, Tensor]:
+    """`correct` for several tasks at once, all prompts in shared batches (each task's prompts get that task's
+    vector, when `vectors` is given): {task: [n_task] bool}. The same numbers as one `correct` call per task."""
+    names = list(prompts)
+    flat = [p for name in names for p in prompts[name]]
+    rows = None
+    if vectors is not None:
+        missing = [name for name in names if name not in vectors]
+        if missing:
+            raise KeyError(f"no vector for tasks {missing}")
+        rows = torch.stack([torch.as_tensor(vectors[name]) for name in names for _ in prompts[name]])
+    hits = correct(model, flat, rows, layer, scale=scale, batch_size=batch_size)
+    sizes = [len(prompts[name]) for name in names]
+    return dict(zip(names, hits.split(sizes)))
 
 
 # ---------------------------------------------------------------------------------------------

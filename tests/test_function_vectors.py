@@ -120,3 +120,20 @@ def test_correct_known_answers_and_zero_vector(model):
         FV.correct(model, prompts, zero)
     with pytest.raises(TypeError):
         FV.correct(model, ["a string, not a Prompt"])
+
+
+def test_correct_by_task_equals_one_call_per_task(model):
+    tasks = {"a": FV.zero_shot_prompts([("hot", "cold"), ("big", "small"), ("South Korea", "Seoul")]),
+             "b": FV.zero_shot_prompts([("go", "went"), ("run", "ran")], "{x} ->")}
+    gen = torch.Generator().manual_seed(0)
+    vectors = {name: 20 * torch.randn(model.cfg.d_model, generator=gen) for name in tasks}
+    together = FV.correct_by_task(model, tasks, vectors, layer=12, batch_size=4)   # batches straddle the tasks
+    for name, prompts in tasks.items():
+        logits = FV.add_to_last(model, FV.texts(prompts), vectors[name], 12)
+        assert torch.equal(together[name], logits.argmax(-1) == FV.answer_ids(model, prompts))
+    plain = FV.correct_by_task(model, tasks)
+    assert {k: len(v) for k, v in plain.items()} == {"a": 3, "b": 2}
+    with pytest.raises(KeyError, match="no vector"):
+        FV.correct_by_task(model, tasks, {"a": vectors["a"]}, layer=12)
+    with pytest.raises(ValueError, match="vectors for"):
+        FV.add_to_last(model, ["Q: hot\nA:"], torch.zeros(2, model.cfg.d_model), 5)
