@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.installed
 NB     ?=
 FAST   ?= 1
 ARGS   ?=
+JOBS   ?= 2
 
 .PHONY: run test lab bench notebooks install clean-venv
 
@@ -23,9 +24,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m helpers.runner --fast $(FAST) $(if $(NB),--nb $(NB)) $(ARGS)
 
-## Unit tests of helpers, then every notebook executed by nbval.
+## Unit tests of helpers and every notebook under nbval, JOBS files at a time (pytest-xdist; JOBS=0: serial).
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(ARGS)
 
 ## JupyterLab with the workbook's environment as its kernel.
 lab: $(STAMP)

@@ -67,14 +67,16 @@ def seed_everything(seed: int) -> None:
 
 
 def default_threads() -> int:
-    """Torch threads: $WORKBOOK_THREADS, else the cores this process may use (at most 8)."""
+    """Torch threads: $WORKBOOK_THREADS, else the cores this process may use (at most 8), shared out among
+    pytest-xdist workers (`make test` runs JOBS notebooks at once: more threads than cores stall each other)."""
     if os.environ.get("WORKBOOK_THREADS"):
         return max(1, int(os.environ["WORKBOOK_THREADS"]))
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    return max(1, min(cores // max(workers, 1), 8))
 
 
 def default_device() -> str:

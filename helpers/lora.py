@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -278,10 +279,29 @@ class Update:
     A: dict[str, Tensor] = field(default_factory=dict)
     B: dict[str, Tensor] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    _svds: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def label(self) -> str:
         return "full FT" if self.kind == "full" else f"LoRA r={self.rank}"
+
+    def svd(self, name: str) -> Svd:
+        """Thin SVD of ΔW for matrix `name`, computed once; for LoRA exactly from the factors
+        (ΔW = (alpha / r) B A), which costs O((out + in) r^2) instead of a full SVD."""
+        if name not in self.deltas:
+            raise KeyError(f"{name!r} was not trained in this run; trained: {list(self.deltas)}")
+        if name not in self._svds:
+            d = self.deltas[name]
+            out = None
+            if name in self.A and name in self.B:
+                ba = self.B[name] @ self.A[name]
+                nn2 = float((ba * ba).sum())
+                if nn2 > 0:
+                    scale = float((d * ba).sum()) / nn2
+                    if float((d - scale * ba).norm()) <= 1e-4 * max(float(d.norm()), 1e-30):
+                        out = factored_svd(scale * self.B[name], self.A[name])
+            self._svds[name] = out if out is not None else svd(d)
+        return self._svds[name]
 
 
 def _check_train_args(model, prefix: Prefix, layers, types, steps, lr) -> tuple[list[int], list[str]]:
@@ -313,6 +333,24 @@ def _frozen(model) -> Iterator[None]:
                 p.requires_grad_(flags[n])
 
 
+def _adam_steps(model, prefix: Prefix, params: list[Tensor], steps: int, lr: float) -> list[float]:
+    """`steps` Adam steps on `params` (made trainable) against `prefix`'s loss; the loss before every step, then
+    the final loss."""
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = prefix.loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(prefix.loss(model).item())
+    return losses
+
+
 def train_lora(model, prefix: Prefix, rank: int, layers: Sequence[int], types: Sequence[str], steps: int = 30,
                lr: float = 1e-3, alpha: float = 16.0, seed: int = 0) -> Update:
     """Fine-tune LoRA adapters (peft) of rank `rank` on the given matrices with Adam on `prefix`'s
@@ -328,19 +366,8 @@ def train_lora(model, prefix: Prefix, rank: int, layers: Sequence[int], types: S
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model, adapter_name="default")
         try:
-            params = [p for n, p in model.named_parameters() if "lora_" in n]
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.Adam(params, lr=lr)
-            losses = []
-            for _ in range(steps):
-                loss = prefix.loss(model)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+            losses = _adam_steps(model, prefix, [p for n, p in model.named_parameters() if "lora_" in n], steps, lr)
             with torch.no_grad():
-                losses.append(prefix.loss(model).item())
                 deltas, A, B = {}, {}, {}
                 for name in names:
                     layer = model.get_submodule(name)
@@ -376,20 +403,8 @@ def train_full(model, prefix: Prefix, layers: Sequence[int], types: Sequence[str
     before = {n: get_module(model, n).weight.detach().clone() for n in names}
     with _frozen(model):
         torch.manual_seed(seed)
-        params = [get_module(model, n).weight for n in names]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr)
-        losses = []
         try:
-            for _ in range(steps):
-                loss = prefix.loss(model)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            with torch.no_grad():
-                losses.append(prefix.loss(model).item())
+            losses = _adam_steps(model, prefix, [get_module(model, n).weight for n in names], steps, lr)
             deltas = {}
             for n in names:
                 d = (get_module(model, n).weight.detach() - before[n]).float()
@@ -433,16 +448,71 @@ def _matrix(m) -> Tensor:
     return t.cpu()
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run dense decompositions (SVD, QR, solve) on one thread. Matrices of a few hundred rows gain
+    nothing from LAPACK threads, and a threaded call becomes 10-100x slower when the cores are shared
+    with other processes (OpenMP threads wait on each other)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class Svd(NamedTuple):
+    """A thin SVD m = U diag(S) Vh (float32, CPU), computed once and passed to the functions below
+    in place of the matrix (singular_values, effective_rank, left/right_vectors, max_cosines ...)."""
+
+    U: Tensor    # [out, k]
+    S: Tensor    # [k], largest first
+    Vh: Tensor   # [k, in]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.U.shape[0], self.Vh.shape[1])
+
+
+def svd(m) -> Svd:
+    """Thin SVD of a matrix (float32 LAPACK on one thread)."""
+    if isinstance(m, Svd):
+        return m
+    with one_thread():
+        u, s, vh = torch.linalg.svd(_matrix(m), full_matrices=False)
+    return Svd(u, s, vh)
+
+
+def factored_svd(B, A) -> Svd:
+    """Exact thin SVD of the rank-<=r product B @ A (B [out, r], A [r, in]) from two QRs and an r x r
+    SVD: O((out + in) r^2) instead of a full SVD. E.g. a LoRA update (alpha / r) * B @ A."""
+    B, A = _matrix(B), _matrix(A)
+    if B.shape[1] != A.shape[0]:
+        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not multiply")
+    with one_thread():
+        qb, rb = torch.linalg.qr(B.double())
+        qa, ra = torch.linalg.qr(A.T.double())
+        u, s, vh = torch.linalg.svd(rb @ ra.T)
+    return Svd((qb @ u).float(), s.float(), (vh @ qa.T).float())
+
+
+def _shape(m) -> tuple[int, int]:
+    return m.shape if isinstance(m, Svd) else tuple(_matrix(m).shape)
+
+
 def singular_values(m, double: bool = False) -> Tensor:
-    """Singular values, largest first (float32 LAPACK unless double=True)."""
+    """Singular values, largest first (float32 LAPACK unless double=True); an Svd gives its S."""
+    if isinstance(m, Svd):
+        return m.S
     t = _matrix(m)
-    return torch.linalg.svdvals(t.double() if double else t).float()
+    with one_thread():
+        return torch.linalg.svdvals(t.double() if double else t).float()
 
 
 def sv_entropy(m, normalized: bool = False, rtol: float = 1e-6) -> float:
     """Shannon entropy (nats) of the singular values normalised to sum 1 (values below rtol x the largest
     count as zero); with normalized=True divided by log(min(shape)) so that 1 means a flat spectrum.
-    The zero matrix raises."""
+    The zero matrix raises. `m`: a matrix or its Svd."""
     s = singular_values(m).double()
     if s[0] <= 0:
         raise ValueError("the zero matrix has no singular-value distribution")
@@ -450,7 +520,7 @@ def sv_entropy(m, normalized: bool = False, rtol: float = 1e-6) -> float:
     p = s / s.sum()
     h = float(-(p * p.log()).sum())
     if normalized:
-        n = min(_matrix(m).shape)
+        n = min(_shape(m))
         return h / np.log(n) if n > 1 else 0.0
     return h
 
@@ -469,7 +539,8 @@ def top_singular_norm(m, r: int) -> float:
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(0)
-        _, s, _ = torch.svd_lowrank(t, q=min(r + 6, min(t.shape)), niter=3)
+        with one_thread():
+            _, s, _ = torch.svd_lowrank(t, q=min(r + 6, min(t.shape)), niter=3)
     finally:
         torch.random.set_rng_state(gen_state)
     return float(s[:r].pow(2).sum().sqrt())
@@ -486,28 +557,29 @@ def numerical_rank(m, rtol: float = 1e-5) -> int:
 
 
 def right_vectors(m, k: int | None = None) -> Tensor:
-    """The top-k right singular vectors of m as columns [in, k]."""
-    _, _, vh = torch.linalg.svd(_matrix(m), full_matrices=False)
+    """The top-k right singular vectors of m (a matrix or its Svd) as columns [in, k]."""
+    vh = svd(m).Vh
     return vh[:k].T if k else vh.T
 
 
 def left_vectors(m, k: int | None = None) -> Tensor:
-    u, _, _ = torch.linalg.svd(_matrix(m), full_matrices=False)
+    """The top-k left singular vectors of m (a matrix or its Svd) as columns [out, k]."""
+    u = svd(m).U
     return u[:, :k] if k else u
 
 
 def subspace_similarity(m1, m2, side: str = "right", max_i: int | None = None, max_j: int | None = None) -> np.ndarray:
     """φ(i, j) = ||U_i^T U_j||_F^2 / min(i, j) for i = 1..max_i, j = 1..max_j (Hu et al. 2021, eq. 4), with
-    U_i the top-i right (or left) singular vectors of m1 and U_j those of m2. 1 = one subspace contains the
-    other, 0 = orthogonal. For LoRA's A (r x in) use side='right'."""
+    U_i the top-i right (or left) singular vectors of m1 and U_j those of m2 (matrices or their Svd).
+    1 = one subspace contains the other, 0 = orthogonal. For LoRA's A (r x in) use side='right'."""
     if side not in ("right", "left"):
         raise ValueError("side must be 'right' or 'left'")
-    a, b = _matrix(m1), _matrix(m2)
     dim = 1 if side == "right" else 0
-    if a.shape[dim] != b.shape[dim]:
-        raise ValueError(f"the {side} spaces differ in dimension: {a.shape[dim]} vs {b.shape[dim]}")
+    sa, sb = _shape(m1), _shape(m2)
+    if sa[dim] != sb[dim]:
+        raise ValueError(f"the {side} spaces differ in dimension: {sa[dim]} vs {sb[dim]}")
     get = right_vectors if side == "right" else left_vectors
-    u1, u2 = get(a), get(b)
+    u1, u2 = get(m1), get(m2)
     max_i = max_i or u1.shape[1]
     max_j = max_j or u2.shape[1]
     if not (1 <= max_i <= u1.shape[1] and 1 <= max_j <= u2.shape[1]):
@@ -518,22 +590,26 @@ def subspace_similarity(m1, m2, side: str = "right", max_i: int | None = None, m
     return cum / mins
 
 
-def random_orthonormal(n: int, k: int, generator: torch.Generator | None = None) -> Tensor:
-    """k random orthonormal columns in R^n (Haar), [n, k]."""
+def random_orthonormal(n: int, k: int, generator: torch.Generator | None = None, batch: int | None = None) -> Tensor:
+    """k random orthonormal columns in R^n (Haar), [n, k]; with `batch`, that many independent draws [batch, n, k]."""
     if not 1 <= k <= n:
         raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
-    q, r = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float()
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    shape = (n, k) if batch is None else (batch, n, k)
+    with one_thread():
+        q, r = torch.linalg.qr(torch.randn(*shape, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)).float()
 
 
 def random_like(m, generator: torch.Generator | None = None, rtol: float = 1e-5) -> Tensor:
     """A random matrix with exactly m's singular values (so the same rank and Frobenius norm) and
-    uniformly random singular vectors: the random-direction control for an update ΔW."""
-    m = _matrix(m)
+    uniformly random singular vectors: the random-direction control for an update ΔW (m or its Svd)."""
     s = singular_values(m)
+    out, inp = _shape(m)
     r = max(1, int((s > rtol * s[0]).sum())) if s[0] > 0 else 1
-    u = random_orthonormal(m.shape[0], r, generator)
-    v = random_orthonormal(m.shape[1], r, generator)
+    u = random_orthonormal(out, r, generator)
+    v = random_orthonormal(inp, r, generator)
     return (u * s[:r]) @ v.T
 
 
@@ -549,20 +625,48 @@ def projected_norm(W, U: Tensor, V: Tensor) -> float:
     return float((U.T @ W @ V).norm())
 
 
-def amplification(W, dW, r: int, generator: torch.Generator | None = None) -> dict[str, float]:
-    """||U^T W V||_F with U, V the top-r singular directions of ΔW, of W itself, and random ones; plus
-    ||ΔW||_F and the amplification factor ||ΔW||_F / ||U^T W V||_F (ΔW's directions)."""
-    W, dW = _matrix(W), _matrix(dW)
-    if W.shape != dW.shape:
-        raise ValueError(f"W {tuple(W.shape)} and ΔW {tuple(dW.shape)} differ in shape")
+def random_projection_norms(W, r: int, n: int = 100, generator: torch.Generator | None = None) -> np.ndarray:
+    """||U^T W V||_F for `n` independent Haar-random rank-r pairs (U [out, r], V [in, r]): the chance
+    distribution that ΔW's directions are compared with. Depends only on W and r, so it can be reused."""
+    W = _matrix(W)
     if not 1 <= r <= min(W.shape):
         raise ValueError(f"r must be within 1..{min(W.shape)}")
-    delta = projected_norm(W, left_vectors(dW, r), right_vectors(dW, r))
-    own = projected_norm(W, left_vectors(W, r), right_vectors(W, r))
-    rand = projected_norm(W, random_orthonormal(W.shape[0], r, generator), random_orthonormal(W.shape[1], r, generator))
-    norm = float(dW.norm())
-    return {"delta": delta, "weight": own, "random": rand, "dW_norm": norm, "W_norm": float(W.norm()),
-            "factor": norm / delta if delta > 0 else float("inf")}
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    out, chunk = [], max(1, min(n, 2**22 // (max(W.shape) * r)))   # a few tens of MB of draws at a time
+    for start in range(0, n, chunk):
+        b = min(chunk, n - start)
+        U = random_orthonormal(W.shape[0], r, generator, batch=b)
+        V = random_orthonormal(W.shape[1], r, generator, batch=b)
+        out.append((U.transpose(1, 2) @ W @ V).flatten(1).norm(dim=1))
+    return torch.cat(out).numpy()
+
+
+def amplification(W, dW, r: int, generator: torch.Generator | None = None, n_random: int = 100,
+                  W_svd: Svd | None = None, random_norms: np.ndarray | None = None) -> dict[str, float]:
+    """||U^T W V||_F with U, V the top-r singular directions of ΔW, of W itself, and of `n_random` random
+    draws (mean, sd, and the percentile of ΔW's value among them); plus ||ΔW||_F and the amplification
+    factor ||ΔW||_F / ||U^T W V||_F for ΔW's directions and for random ones.
+
+    `dW` may be given as its Svd; `W_svd` and `random_norms` (from random_projection_norms(W, r)) skip
+    recomputing what depends on W alone."""
+    W = _matrix(W)
+    if _shape(dW) != tuple(W.shape):
+        raise ValueError(f"W {tuple(W.shape)} and ΔW {tuple(_shape(dW))} differ in shape")
+    if not 1 <= r <= min(W.shape):
+        raise ValueError(f"r must be within 1..{min(W.shape)}")
+    d = svd(dW)
+    Ws = svd(W) if W_svd is None else W_svd
+    delta = projected_norm(W, left_vectors(d, r), right_vectors(d, r))
+    own = float(Ws.S[:r].pow(2).sum().sqrt())   # = ||U^T W V|| for W's own top-r directions
+    rand = np.asarray(random_norms if random_norms is not None else random_projection_norms(W, r, n_random, generator))
+    norm = float(d.S.pow(2).sum().sqrt())
+    sd = float(rand.std(ddof=1)) if rand.size > 1 else float("nan")
+    return {"delta": delta, "weight": own, "random": float(rand.mean()), "random_sd": sd,
+            "percentile": float((rand < delta).mean() * 100), "z": (delta - float(rand.mean())) / sd if sd > 0 else float("nan"),
+            "dW_norm": norm, "W_norm": float(W.norm()),
+            "factor": norm / delta if delta > 0 else float("inf"),
+            "random_factor": norm / float(rand.mean()) if rand.mean() > 0 else float("inf")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,14 +675,14 @@ def amplification(W, dW, r: int, generator: torch.Generator | None = None) -> di
 
 def max_cosines(W0, W1, k: int = 10, side: str = "left", basis0: Tensor | None = None) -> np.ndarray:
     """For each of the top-k singular vectors of W1, its largest |cosine| with any singular vector of W0
-    (`basis0`: W0's singular vectors as columns, if already computed)."""
+    (W0, W1: matrices or their Svd; `basis0`: W0's singular vectors as columns, if already computed)."""
     if side not in ("right", "left"):
         raise ValueError("side must be 'right' or 'left'")
-    W0, W1 = _matrix(W0), _matrix(W1)
-    if W0.shape != W1.shape:
-        raise ValueError(f"W0 {tuple(W0.shape)} and W1 {tuple(W1.shape)} differ in shape")
-    if not 1 <= k <= min(W0.shape):
-        raise ValueError(f"k must be within 1..{min(W0.shape)}")
+    s0, s1 = _shape(W0), _shape(W1)
+    if tuple(s0) != tuple(s1):
+        raise ValueError(f"W0 {tuple(s0)} and W1 {tuple(s1)} differ in shape")
+    if not 1 <= k <= min(s0):
+        raise ValueError(f"k must be within 1..{min(s0)}")
     get = left_vectors if side == "left" else right_vectors
     basis0 = get(W0) if basis0 is None else basis0.cpu()
     return (get(W1, k).T.double() @ basis0.double()).abs().max(1).values.numpy()
@@ -595,7 +699,6 @@ def intruder_dimensions(W0, W1, k: int = 10, eps: float = 0.5, side: str = "left
 def random_direction_max_cosine(W0, n: int = 200, side: str = "left", generator: torch.Generator | None = None,
                                 basis0: Tensor | None = None) -> np.ndarray:
     """max |cos| of `n` random unit vectors with W0's singular vectors: how low a score chance gives."""
-    W0 = _matrix(W0)
     basis = basis0.cpu() if basis0 is not None else (left_vectors(W0) if side == "left" else right_vectors(W0))
     x = torch.randn(basis.shape[0], n, generator=generator, dtype=torch.float64)
     x = x / x.norm(dim=0)
@@ -681,7 +784,8 @@ def rome_edit(W, key: Tensor, value: Tensor, C: Tensor | None = None) -> Tensor:
     key, value = torch.as_tensor(key).float().flatten().cpu(), torch.as_tensor(value).float().flatten().cpu()
     if key.shape[0] != W.shape[1] or value.shape[0] != W.shape[0]:
         raise ValueError(f"key {tuple(key.shape)} / value {tuple(value.shape)} do not fit W {tuple(W.shape)}")
-    u = key.double() if C is None else torch.linalg.solve(_matrix(C).double(), key.double())
+    with one_thread():
+        u = key.double() if C is None else torch.linalg.solve(_matrix(C).double(), key.double())
     denom = u @ key.double()
     if denom.abs() < 1e-12:
         raise ValueError("k^T C^{-1} k is zero: the key is empty")
@@ -749,22 +853,38 @@ class ReadBack:
 
     rank: int
     effective_rank: float
-    key_scores: Tensor          # |projection| of every probe key on ΔW's input direction
+    key_scores: Tensor          # |projection| (or |cosine|) of every probe key with ΔW's input direction
     top_rows: list[int]         # probe rows, best first
     written: Tensor             # ΔW @ (the best-matching probe key): the vector it writes there
 
 
-def read_back(dW, probe_keys: Tensor, top: int = 10) -> ReadBack:
-    """From ΔW only: its rank, effective rank, which probe keys its input (right singular) direction
-    responds to most, and what it writes for the strongest one (ΔW @ k, sign included)."""
-    dW = _matrix(dW)
-    if probe_keys.ndim != 2 or probe_keys.shape[1] != dW.shape[1]:
-        raise ValueError(f"probe_keys must be [n, {dW.shape[1]}], got {tuple(probe_keys.shape)}")
-    v = right_vectors(dW, 1)[:, 0]
-    scores = (probe_keys.float() @ v).abs()
+def read_back(dW, probe_keys: Tensor, top: int = 10, cosine: bool = False) -> ReadBack:
+    """From ΔW only (a matrix or its Svd): its rank, effective rank, which probe keys its input (right
+    singular) direction responds to most, and what it writes for the strongest one (ΔW @ k, sign included).
+
+    cosine=True scores keys by |cos| with the direction instead of |projection|: a projection favours
+    keys with large norms, which any direction, even a random one, picks up."""
+    d = svd(dW)                                    # one SVD for the rank, the spectrum and the direction
+    if probe_keys.ndim != 2 or probe_keys.shape[1] != d.shape[1]:
+        raise ValueError(f"probe_keys must be [n, {d.shape[1]}], got {tuple(probe_keys.shape)}")
+    keys = probe_keys.float().cpu()
+    v = right_vectors(d, 1)[:, 0]
+    scores = (keys @ v).abs()
+    if cosine:
+        scores = scores / keys.norm(dim=1).clamp_min(1e-12)
     order = scores.argsort(descending=True)[:top].tolist()
-    written = dW @ probe_keys[order[0]].float()
-    return ReadBack(numerical_rank(dW), effective_rank(dW), scores, order, written)
+    written = d.U @ (d.S * (d.Vh @ keys[order[0]]))
+    return ReadBack(numerical_rank(d), effective_rank(d), scores, order, written)
+
+
+def random_rank_one(shape: tuple[int, int], norm: float, generator: torch.Generator | None = None) -> Svd:
+    """A rank-one matrix norm * u v^T with Haar-random unit u, v, as its Svd (dense: `U * S @ Vh`):
+    the random control for a rank-one edit of equal norm."""
+    out, inp = shape
+    if not norm > 0:
+        raise ValueError(f"norm must be > 0, got {norm!r}")
+    u, v = random_orthonormal(out, 1, generator), random_orthonormal(inp, 1, generator)
+    return Svd(u, torch.tensor([float(norm)]), v.T)
 
 
 @contextmanager

@@ -39,6 +39,12 @@ def xavier_per_instance_(W: Tensor) -> Tensor:
     return W.normal_(0.0, (2.0 / (W.shape[1] + W.shape[2])) ** 0.5)
 
 
+def _check_nonlinearity(nonlinearity: str) -> str:
+    if nonlinearity not in ("relu", "linear"):
+        raise ValueError(f"nonlinearity must be 'relu' or 'linear', got {nonlinearity!r}")
+    return nonlinearity
+
+
 class ToyModel(nn.Module):
     """x' = act(Wᵀ W x + b) for `n_instances` independent models (Elhage et al. 2022).
 
@@ -47,9 +53,7 @@ class ToyModel(nn.Module):
 
     def __init__(self, n_instances: int, n_features: int, n_hidden: int, nonlinearity: str = "relu") -> None:
         super().__init__()
-        if nonlinearity not in ("relu", "linear"):
-            raise ValueError(f"nonlinearity must be 'relu' or 'linear', got {nonlinearity!r}")
-        self.nonlinearity = nonlinearity
+        self.nonlinearity = _check_nonlinearity(nonlinearity)
         self.W = nn.Parameter(torch.empty(n_instances, n_hidden, n_features))
         xavier_per_instance_(self.W)
         self.b = nn.Parameter(torch.zeros(n_instances, n_features))
@@ -161,9 +165,7 @@ class ComputeModel(nn.Module):
 
     def __init__(self, n_instances: int, n_features: int, n_hidden: int, nonlinearity: str = "relu") -> None:
         super().__init__()
-        if nonlinearity not in ("relu", "linear"):
-            raise ValueError(f"nonlinearity must be 'relu' or 'linear', got {nonlinearity!r}")
-        self.nonlinearity = nonlinearity
+        self.nonlinearity = _check_nonlinearity(nonlinearity)
         self.W1 = nn.Parameter(torch.empty(n_instances, n_hidden, n_features))
         self.W2 = nn.Parameter(torch.empty(n_instances, n_features, n_hidden))
         xavier_per_instance_(self.W1)
@@ -220,21 +222,13 @@ def fit(model: nn.Module, density: Tensor | float, importance: Tensor | None = N
     if schedule not in (None, "cosine"):
         raise ValueError(f"schedule must be None or 'cosine', got {schedule!r}")
     gen = torch.Generator(device=device).manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
-    history = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0, leave=False)
-    for step in bar:
-        x = sparse_batch(n_instances, batch_size, n_features, density, generator=gen, signed=signed, device=device)
-        loss = instance_loss(model, x, importance, target)
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        if step % log_every == 0 or step == steps - 1:
-            history.append(loss.detach().cpu().numpy())
-    return np.stack(history)
+
+    def make_batch(size: int) -> Tensor:
+        return sparse_batch(n_instances, size, n_features, density, generator=gen, signed=signed, device=device)
+
+    return train(model, make_batch, lambda m, x: instance_loss(m, x, importance, target), steps=steps,
+                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, log_every=log_every, progress=progress,
+                 desc=desc, schedule=schedule)
 
 
 @torch.no_grad()

@@ -6,6 +6,15 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+def pytest_configure(config):
+    """Pin torch threads in every test process (with `make test`, JOBS pytest-xdist workers share the cores)."""
+    import torch
+
+    from helpers.env import default_threads
+
+    torch.set_num_threads(default_threads())
+
+
 @pytest.fixture(scope="session")
 def model():
     import helpers

@@ -22,6 +22,21 @@ def test_effective_rank_known_answers():
     assert lora.sv_entropy(torch.eye(10), normalized=True) == pytest.approx(1.0)
 
 
+def test_svd_objects_stand_in_for_matrices_and_factored_svd_is_exact():
+    B, A = randn(30, 3), randn(3, 20)
+    m = 2.5 * B @ A
+    f, full = lora.factored_svd(2.5 * B, A), lora.svd(m)
+    assert torch.allclose(f.S, full.S[:3], rtol=1e-4) and f.shape == (30, 20)
+    assert torch.allclose((f.U * f.S) @ f.Vh, m, atol=1e-4)
+    assert lora.effective_rank(f) == pytest.approx(lora.effective_rank(m), rel=1e-4)
+    assert lora.numerical_rank(f) == 3 == lora.numerical_rank(m)
+    assert np.allclose(lora.subspace_similarity(f, m, max_i=3, max_j=3), 1.0, atol=1e-4)  # same row space
+    threads = torch.get_num_threads()
+    with lora.one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
+
+
 def test_spectra_reject_bad_input():
     with pytest.raises(ValueError):
         lora.effective_rank(torch.zeros(4, 4))
@@ -72,6 +87,19 @@ def test_amplification_of_ws_own_directions():
     assert amp["delta"] == pytest.approx(s[0].item(), rel=1e-4)
     assert amp["weight"] == pytest.approx(s[0].item(), rel=1e-4)
     assert amp["factor"] == pytest.approx(1 / s[0].item(), rel=1e-4)
+    assert amp["percentile"] == 100.0 and amp["z"] > 3  # W's top direction beats every random draw
+
+
+def test_random_projection_norms_match_their_expectation():
+    # E ||U^T W V||_F^2 = r^2 ||W||_F^2 / (m n) for Haar-random U [m, r], V [n, r]
+    W, r = randn(40, 30), 3
+    norms = lora.random_projection_norms(W, r, n=3000, generator=torch.Generator().manual_seed(0))
+    assert norms.shape == (3000,)
+    assert (norms**2).mean() == pytest.approx(r**2 * W.norm().item() ** 2 / (40 * 30), rel=0.1)
+    q = lora.random_orthonormal(40, 3, torch.Generator().manual_seed(1), batch=5)
+    assert torch.allclose(q.transpose(1, 2) @ q, torch.eye(3).expand(5, 3, 3), atol=1e-5)
+    with pytest.raises(ValueError):
+        lora.random_projection_norms(W, 31)
 
 
 def test_intruders_of_w_vs_itself_are_zero_and_a_new_big_direction_is_one():
@@ -115,6 +143,21 @@ def test_read_back_finds_the_key_and_the_value():
     assert torch.allclose(rb.written, v, atol=1e-4)
     with pytest.raises(ValueError):
         lora.read_back(dW, randn(5, 29))
+    # the Svd gives the same answer; cosine scoring ignores a key's norm
+    rb2 = lora.read_back(lora.svd(dW), keys, cosine=True)
+    assert rb2.top_rows[0] == 17 and torch.allclose(rb2.written, v, atol=1e-4)
+    big = keys.clone()
+    big[3] *= 1000  # a huge key wins the projection but not the cosine
+    assert lora.read_back(dW, big).top_rows[0] in (3, 17) and lora.read_back(dW, big, cosine=True).top_rows[0] == 17
+
+
+def test_random_rank_one_has_the_norm_and_rank_asked_for():
+    r = lora.random_rank_one((12, 30), 2.5, torch.Generator().manual_seed(0))
+    dense = (r.U * r.S) @ r.Vh
+    assert dense.norm().item() == pytest.approx(2.5, rel=1e-5)
+    assert lora.numerical_rank(dense) == 1 and lora.numerical_rank(r) == 1
+    with pytest.raises(ValueError):
+        lora.random_rank_one((12, 30), 0.0)
 
 
 def test_rome_edit_checks_shapes():
@@ -131,7 +174,8 @@ def hf():
     import helpers
 
     helpers.setup(0)
-    return helpers.load_hf()
+    with lora.one_thread():  # batches of a few prompts: one thread is as fast, and far faster on shared cores
+        yield helpers.load_hf()
 
 
 def test_structure_of_the_real_model(hf):
@@ -171,6 +215,7 @@ def test_lora_and_full_training_leave_the_model_unchanged(hf):
     assert lora.numerical_rank(run.deltas[name], rtol=1e-4) <= 2 and run.deltas[name].norm() > 0
     assert run.losses[-1] < run.losses[0]
     assert torch.allclose(run.deltas[name], 8.0 * run.B[name] @ run.A[name], atol=1e-6)  # alpha/r = 16/2
+    assert torch.allclose(run.svd(name).S, lora.singular_values(run.deltas[name])[:2], rtol=1e-3, atol=1e-7)
     full = lora.train_full(model, prefix, layers=[top], types=["mlp.down_proj"], steps=2, lr=1e-4)
     assert full.losses[-1] < full.losses[0]
     assert not any("lora" in n for n, _ in model.named_modules())
