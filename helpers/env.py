@@ -5,6 +5,8 @@ import os
 import random
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,25 @@ def default_threads() -> int:
         cores = os.cpu_count() or 1
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
     return max(1, min(cores // max(workers, 1), 8))
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch CPU threads (None: leave the setting alone), then restore the old count.
+
+    Many small operations (a KV-cached step of a few tokens, a tiny model's training step, the SVD of a
+    small matrix) gain almost nothing from a second thread, and when other processes keep the cores busy
+    every parallel region waits for the slowest thread: measured here, one thread scored section 1 of
+    notebook 05 in 26 s where two took 240 s on a shared 2-core machine."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"threads must be a positive int or None, got {n!r}")
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def default_device() -> str:

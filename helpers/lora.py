@@ -16,13 +16,15 @@ References: Hu et al. 2021 (LoRA, §7), Roy & Vetterli 2007 (effective rank), Sh
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from helpers.env import torch_threads
 
 # ---------------------------------------------------------------------------------------------
 # where the matrices are (any HF decoder: llama, qwen, mistral, gpt2, gpt-neox ...)
@@ -448,17 +450,11 @@ def _matrix(m) -> Tensor:
     return t.cpu()
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
+def one_thread() -> AbstractContextManager[None]:
     """Run dense decompositions (SVD, QR, solve) on one thread. Matrices of a few hundred rows gain
     nothing from LAPACK threads, and a threaded call becomes 10-100x slower when the cores are shared
     with other processes (OpenMP threads wait on each other)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    return torch_threads(1)
 
 
 class Svd(NamedTuple):

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,32 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers.env import DATA
+from helpers.env import DATA, torch_threads
 
 FILLER_KINDS = ("dots", "newlines", "special", "meaningful")
 # Task-irrelevant but meaningful text: the "same length, real tokens" control for pauses.
 NEUTRAL_TEXT = (" The weather was mild and the streets were quiet that morning, so we walked slowly along"
                 " the river before breakfast and talked about the garden, the neighbours and the old bridge.")
 TASKS_FILE = "pause_tasks.json"
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with `n` torch CPU threads (None: leave the setting alone), then restore the old count.
-
-    Many small operations (a KV-cached step of a few tokens, a tiny model's training step, the SVD of a
-    small matrix) gain almost nothing from a second thread, and when other processes keep the cores busy
-    every parallel region waits for the slowest thread: measured here, one thread scored section 1 of
-    notebook 05 in 26 s where two took 240 s on a shared 2-core machine."""
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"threads must be a positive int or None, got {n!r}")
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------------------------------------
