@@ -20,25 +20,28 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## Execute every notebook (or NB=NN) with papermill into runs/; FAST=0 for the full-scale parameters.
+## Execute every notebook (or NB=NN) with papermill into runs/ (figures in runs/figures: the checkout stays
+## clean); FAST=0 for the full-scale parameters. Ends with every result, by kind, and any baseline difference.
 run: $(STAMP)
 	$(BIN)/python -m helpers.runner --fast $(FAST) $(if $(NB),--nb $(NB)) $(ARGS)
 
 ## Unit tests of helpers and every notebook under nbval, JOBS files at a time (pytest-xdist; JOBS=0: serial).
+## Each notebook's records are compared with tests/baselines/ (a flipped verdict or a moved number fails).
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(ARGS)
 
 ## JupyterLab with the workbook's environment as its kernel.
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 ## Load times, forward throughput, peak memory, and each notebook's wall time.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
-## Re-execute the committed notebooks in place (their outputs are what readers see on the web).
+## Re-execute the committed notebooks in place (their outputs are what readers see on the web), JOBS at a
+## time with the threads `make test` uses; writes figures/ and the regression baselines tests/baselines/.
 notebooks: $(STAMP)
-	$(BIN)/python -m helpers.runner --inplace $(if $(NB),--nb $(NB)) $(ARGS)
+	$(BIN)/python -m helpers.runner --inplace --jobs $(JOBS) $(if $(NB),--nb $(NB)) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,7 @@
-"""Where things live, what machine this is, and one `setup()` call that every notebook makes first."""
+"""What machine this is, parameter checks, seeding, threads, and one `setup()` call that every notebook makes first.
+
+Paths live in the leaf module `helpers.paths` (re-exported here); `setup` imports `plotting` and `results`
+lazily, inside the call, so no module imports `env` back at import time."""
 from __future__ import annotations
 
 import os
@@ -16,21 +19,7 @@ import torch
 REPO_URL = "https://github.com/mi-workbook/mi-workbook"
 
 
-def _find_root() -> Path:
-    """The repository root: $WORKBOOK_ROOT, else the folder above this package, else the working directory."""
-    if os.environ.get("WORKBOOK_ROOT"):
-        return Path(os.environ["WORKBOOK_ROOT"]).expanduser().resolve()
-    here = Path(__file__).resolve().parents[1]
-    if (here / "notebooks").is_dir():
-        return here
-    return Path.cwd()
-
-
-ROOT: Path = _find_root()
-DATA: Path = ROOT / "data"
-FIGURES: Path = ROOT / "figures"
-RUNS: Path = ROOT / "runs"
-NOTEBOOKS: Path = ROOT / "notebooks"
+from helpers.paths import BASELINES, DATA, FIGURES, NOTEBOOKS, ROOT, RUNS, figures_folder  # noqa: F401  (re-exported)
 
 IN_COLAB: bool = "google.colab" in sys.modules
 IN_CI: bool = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
@@ -134,7 +123,8 @@ def setup(seed: int = 0, quiet: bool = True, **params: Any) -> dict[str, Any]:
     from helpers import plotting, results
 
     plotting.use_style()
-    results.set_context(seed=seed, **{k.lower(): v for k, v in params.items()})
+    results.start_clock()
+    results.set_context(seed=seed, **{k.lower(): v for k, v in params.items()}, threads=threads)
     info = {
         "device": params.get("DEVICE") or default_device(),
         "threads": threads,

@@ -1,6 +1,7 @@
 """One house style, reproducible PNGs, and the few plots every notebook needs."""
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
-from helpers.env import FIGURES
+from helpers.paths import figures_folder
 
 PALETTE = "colorblind"
 
@@ -23,17 +24,41 @@ def use_style() -> None:
     })
 
 
-def savefig(fig: plt.Figure, name: str, caption: str | None = None, folder: Path | None = None) -> Path:
-    """Save `fig` as figures/<name>.png with a one-line caption under it and no timestamp in its metadata
-    (an unchanged figure stays byte-identical in git). Returns the path."""
+def _in_kernel() -> bool:
+    """True inside a Jupyter kernel (papermill, nbval, JupyterLab), where a figure can be shown inline."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def savefig(fig: plt.Figure, name: str, caption: str | None = None, folder: Path | None = None,
+            show: bool = True) -> Path:
+    """Save `fig` as <folder>/<name>.png with a one-line caption under it and no timestamp in its metadata
+    (an unchanged figure stays byte-identical in git), and, inside a notebook, show that same PNG inline and
+    close the figure (so a following `plt.show()` draws nothing twice, whatever the matplotlib backend).
+
+    The folder is runs/figures unless $WORKBOOK_FIGURES says otherwise (`make notebooks` writes figures/).
+    Returns the path."""
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"figure name must be a plain file stem like '00_logit_lens', got {name!r}")
     if caption:
         fig.text(0.5, -0.02, caption, ha="center", va="top", fontsize=9, style="italic", wrap=True)
-    folder = Path(folder or FIGURES)
+    folder = Path(folder or figures_folder())
     folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    png = buffer.getvalue()
     path = folder / f"{name}.png"
-    fig.savefig(path, metadata={"Software": None})
+    if not path.exists() or path.read_bytes() != png:
+        path.write_bytes(png)
+    if show and _in_kernel():
+        from IPython.display import Image, display
+
+        display(Image(data=png, format="png"))
+        plt.close(fig)
     return path
 
 

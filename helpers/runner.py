@@ -1,17 +1,25 @@
-"""Execute the workbook's notebooks with papermill: `python -m helpers.runner [--nb 00] [--fast 0]`.
+"""Execute the workbook's notebooks with papermill: `python -m helpers.runner [--nb 00] [--fast 0] [--jobs 2]`.
 
-Executed copies go to runs/ (or back into notebooks/ with --inplace), figures to figures/, each
-notebook's key numbers to runs/<name>.results.json; the run ends with one table of every result.
+`make run`: executed copies, figures (runs/figures) and each notebook's records (runs/<name>.results.json) all
+go to runs/, so the checkout stays clean; the run ends with one table per kind across notebooks and any
+difference from the committed baselines (tests/baselines/).
+`make notebooks` (--inplace): re-executes the committed notebooks in place, writes figures/ and the baselines,
+and scrubs local paths from papermill's metadata. That is the command for commits.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from helpers.env import NOTEBOOKS, RUNS
+from helpers.paths import FIGURES, NOTEBOOKS, RUNS
+
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+LOCAL_METADATA = ("input_path", "output_path", "environment_variables")
 
 
 def find_notebooks(selection: list[str] | None) -> list[Path]:
@@ -26,6 +34,15 @@ def find_notebooks(selection: list[str] | None) -> list[Path]:
     return chosen
 
 
+def scrub_metadata(path: Path) -> None:
+    """Drop what papermill stores about the machine that ran a notebook (its input/output paths)."""
+    nb = json.loads(path.read_text())
+    pm = nb.get("metadata", {}).get("papermill", {})
+    changed = any(pm.pop(key, None) is not None for key in LOCAL_METADATA)
+    if changed:
+        path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
 def run_one(path: Path, out: Path, parameters: dict, progress: bool) -> tuple[str, float, str]:
     import papermill as pm
 
@@ -34,12 +51,28 @@ def run_one(path: Path, out: Path, parameters: dict, progress: bool) -> tuple[st
         pm.execute_notebook(str(path), str(out), parameters=parameters or None, cwd=str(path.parent),
                             kernel_name="python3", progress_bar=progress, log_output=False,
                             request_save_on_cell_execute=False)
-        status = "ok"
-        detail = ""
+        status, detail = "ok", ""
     except Exception as err:  # papermill raises PapermillExecutionError with the failing cell
         status = "FAILED"
-        detail = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        detail = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
+    if out.exists():
+        scrub_metadata(out)
     return status, time.perf_counter() - t0, detail
+
+
+def kernel_environment(inplace: bool, jobs: int, write_baseline: bool) -> None:
+    """Set what the notebook kernels inherit: inline figures, where figures go, threads per kernel, baselines."""
+    os.environ["MPLBACKEND"] = INLINE_BACKEND
+    os.environ["WORKBOOK_FIGURES"] = str(FIGURES if inplace else RUNS / "figures")
+    if jobs > 1 and not os.environ.get("WORKBOOK_THREADS"):
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS
+            cores = os.cpu_count() or 1
+        os.environ["WORKBOOK_THREADS"] = str(max(1, cores // jobs))
+    if write_baseline:
+        os.environ["WORKBOOK_WRITE_BASELINE"] = "1"
+    os.environ.pop("WORKBOOK_CHECK_BASELINE", None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nb", nargs="*", help="notebook number(s) or name(s), e.g. 00 03")
     parser.add_argument("--fast", type=int, choices=(0, 1), default=1, help="0: full-scale parameters (FAST=False)")
     parser.add_argument("--model", help="run with this MODEL parameter")
-    parser.add_argument("--inplace", action="store_true", help="write outputs back into notebooks/ (for commits)")
+    parser.add_argument("--inplace", action="store_true",
+                        help="write outputs back into notebooks/, figures into figures/, and the regression baselines")
+    parser.add_argument("--jobs", type=int, default=1, help="notebooks executed at once (torch threads are shared out)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -62,29 +97,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         parameters["MODEL"] = args.model
     RUNS.mkdir(exist_ok=True)
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    summary = []
-    outer = tqdm(books, desc="notebooks", unit="nb", disable=args.no_progress)
-    for path in outer:
-        outer.set_postfix_str(path.stem)
-        out = path if args.inplace else RUNS / (path.stem + ("" if args.fast else "_full") + ".ipynb")
-        status, seconds, detail = run_one(path, out, parameters, progress=not args.no_progress)
-        line = f"{path.stem:<32} {status:<7} {seconds:7.1f} s  -> {out.relative_to(out.parents[1])}"
-        tqdm.write(line + (f"\n    {detail}" if detail else ""))
-        summary.append((path.stem, status, seconds))
-    failed = [name for name, status, _ in summary if status != "ok"]
-    total = sum(s for _, _, s in summary)
-    print(f"\n{len(summary) - len(failed)}/{len(summary)} notebooks ran in {total:.0f} s"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
-    table = results.combined_table()
-    if len(table):
-        import pandas as pd
+    kernel_environment(args.inplace, args.jobs, write_baseline=args.inplace and not parameters)
+    progress = not args.no_progress and args.jobs == 1
 
-        ran = {name for name, _, _ in summary}
-        table = table[table.notebook.isin(ran)]
-        with pd.option_context("display.max_colwidth", 50, "display.width", 220, "display.max_rows", 500):
-            print("\nKey results (runs/*.results.json):")
-            print(table.to_string(index=False))
+    def one(path: Path) -> tuple[str, str, float, str]:
+        out = path if args.inplace else RUNS / (path.stem + ("" if args.fast else "_full") + ".ipynb")
+        status, seconds, detail = run_one(path, out, parameters, progress=progress)
+        tqdm.write(f"{path.stem:<36} {status:<7} {seconds:7.1f} s  -> {out.relative_to(out.parents[1])}"
+                   + (f"\n    {detail}" if detail else ""))
+        return path.stem, status, seconds, detail
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        summary = list(tqdm(pool.map(one, books), total=len(books), desc="notebooks", unit="nb",
+                            disable=args.no_progress))
+    failed = [name for name, status, _, _ in summary if status != "ok"]
+    total = sum(s for _, _, s, _ in summary)
+    print(f"\n{len(summary) - len(failed)}/{len(summary)} notebooks ran ({total:.0f} s of notebook time)"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    ran = [name for name, status, _, _ in summary if status == "ok"]
+    if ran:
+        print("\nKey results (runs/*.results.json); only claims count as reproduced:")
+        results.combined_report(ran)
+        if not args.inplace:
+            for run in (r for r in results.load_all() if r["notebook"] in ran):
+                problems = results.check_against_baseline(run)
+                if problems:
+                    print(f"\n{run['notebook']} differs from tests/baselines/{run['notebook']}.json:\n" + "\n".join(problems))
     return 1 if failed else 0
 
 

@@ -4,6 +4,10 @@ import os
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Notebook kernels started by nbval inherit this: `results.report` then compares each notebook's records with
+# tests/baselines/<notebook>.json and fails the results cell on a flipped verdict or a moved number.
+os.environ.setdefault("WORKBOOK_CHECK_BASELINE", "1")
+os.environ.pop("WORKBOOK_WRITE_BASELINE", None)
 
 
 def pytest_configure(config):
