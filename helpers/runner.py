@@ -38,7 +38,7 @@ def scrub_metadata(path: Path) -> None:
     """Drop what papermill stores about the machine that ran a notebook (its input/output paths)."""
     nb = json.loads(path.read_text())
     pm = nb.get("metadata", {}).get("papermill", {})
-    changed = any(pm.pop(key, None) is not None for key in LOCAL_METADATA)
+    changed = [pm.pop(key) for key in LOCAL_METADATA if key in pm]
     if changed:
         path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 

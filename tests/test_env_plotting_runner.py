@@ -46,3 +46,51 @@ def test_runner_selects_notebooks():
 
 def test_paths_point_into_the_repo():
     assert (helpers.ROOT / "notebooks").is_dir() and helpers.FIGURES.parent == helpers.ROOT
+
+
+def test_savefig_defaults_to_runs_not_the_committed_figures(monkeypatch):
+    monkeypatch.delenv("WORKBOOK_FIGURES", raising=False)
+    from helpers import paths
+
+    assert paths.figures_folder() == paths.RUNS / "figures"
+    monkeypatch.setenv("WORKBOOK_FIGURES", str(paths.FIGURES))
+    assert paths.figures_folder() == paths.FIGURES
+
+
+def test_runner_kernel_environment(monkeypatch):
+    for name in ("WORKBOOK_FIGURES", "WORKBOOK_THREADS", "WORKBOOK_WRITE_BASELINE", "MPLBACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    runner.kernel_environment(inplace=False, jobs=1, write_baseline=False)
+    import os
+
+    assert os.environ["WORKBOOK_FIGURES"].endswith("runs/figures") and "WORKBOOK_WRITE_BASELINE" not in os.environ
+    assert os.environ["MPLBACKEND"] == runner.INLINE_BACKEND      # figures inline in executed notebooks
+    runner.kernel_environment(inplace=True, jobs=2, write_baseline=True)
+    assert os.environ["WORKBOOK_FIGURES"] == str(helpers.FIGURES) and os.environ["WORKBOOK_WRITE_BASELINE"] == "1"
+    assert int(os.environ["WORKBOOK_THREADS"]) >= 1
+
+
+def test_scrub_metadata_removes_local_paths(tmp_path):
+    import json
+
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps({"cells": [], "metadata": {"papermill": {
+        "input_path": "/home/me/nb.ipynb", "output_path": "/home/me/nb.ipynb", "duration": 3.0}}}))
+    runner.scrub_metadata(path)
+    assert json.loads(path.read_text())["metadata"]["papermill"] == {"duration": 3.0}
+
+
+def test_combined_report_counts_claims_only(tmp_path, capsys):
+    import json
+
+    from helpers import results
+
+    rec = dict(value=1.0, expected=1.0, tolerance=0.1, verdict="as expected", passed=True, kind="control",
+               ci=None, se=None, p=None, n=None)
+    claim = dict(rec, key="c", verdict="reproduced", kind="claim")
+    for name in ("00_a", "01_b"):
+        (tmp_path / f"{name}.results.json").write_text(json.dumps(
+            {"notebook": name, "context": {"model": "m"}, "records": [dict(rec, key="ctl"), claim]}))
+    text = results.combined_report(folder=tmp_path)
+    assert "all notebooks" in text and "claims: 2 reproduced, 0 not reproduced" in text
+    assert "controls: all 2 as expected" in text
