@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from helpers.env import DATA, torch_threads
+from helpers.stats import bootstrap_ci, bootstrap_ratio_ci, paired_difference, wilson_interval  # noqa: F401  (moved to stats)
 
 FILLER_KINDS = ("dots", "newlines", "special", "meaningful")
 # Task-irrelevant but meaningful text: the "same length, real tokens" control for pauses.
@@ -307,56 +308,6 @@ def _crop(cache, length: int) -> None:
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)       # a negative argument removes that many positions, old and new APIs alike
-
-
-# ---------------------------------------------------------------------------------------------
-# statistics
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a proportion (95% by default); (0, 1) when n = 0."""
-    if n < 0 or successes < 0 or successes > n:
-        raise ValueError(f"need 0 <= successes <= n, got {successes}, {n}")
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def bootstrap_ci(values: Sequence[float] | np.ndarray, n_boot: int = 2000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): the mean and its percentile-bootstrap interval."""
-    values = np.asarray(values, dtype=float)
-    if values.ndim != 1 or len(values) == 0:
-        raise ValueError(f"values must be a non-empty 1-D array, got shape {values.shape}")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
-    alpha = (1 - level) / 2
-    return float(values.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float], **kwargs: Any) -> tuple[float, float, float]:
-    """Mean of a - b over paired items (same questions), with a bootstrap interval."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"paired arrays differ in shape: {a.shape} vs {b.shape}")
-    return bootstrap_ci(a - b, **kwargs)
-
-
-def bootstrap_ratio_ci(num: Sequence[float], den: Sequence[float], n_boot: int = 2000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float, float]:
-    """(ratio, low, high) for mean(num) / mean(den) over paired items, with a percentile-bootstrap interval
-    (e.g. the fraction of a full answer swap that a patch achieves)."""
-    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
-    if num.shape != den.shape or num.ndim != 1 or len(num) == 0:
-        raise ValueError(f"num and den must be equal-length 1-D arrays, got {num.shape}, {den.shape}")
-    if den.mean() == 0:
-        raise ValueError("mean(den) is 0: the ratio is undefined")
-    idx = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))
-    ratios = num[idx].mean(1) / den[idx].mean(1)
-    alpha = (1 - level) / 2
-    return float(num.mean() / den.mean()), float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha))
 
 
 # ---------------------------------------------------------------------------------------------
