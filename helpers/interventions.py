@@ -3,11 +3,20 @@
 Conventions (compatibility mode, see notebooks/README.md):
 - "layer L" of the residual stream means the stream *entering* block L (``blocks.L.hook_resid_pre``), for
   L = 0 .. n_layers; L = n_layers is the stream after the last block (``blocks.{n-1}.hook_resid_post``).
-- Batches of prompts are left-padded, so position -1 is every prompt's last real token.
-- Every function takes a prompt, a list of prompts, or a [batch, pos] token tensor.
+- Batches of prompts are left-padded (pads, then BOS, then the prompt).
+- Positions (`pos`, `return_pos`) count inside each prompt, read off the attention mask: 0 is that prompt's
+  BOS, 1 its first real token, -1 its last token, and ``slice(1, None)`` every real token after its BOS,
+  whatever the padding. ``AFTER_BOS`` names that last set (the default of `add_vector` and `steering`);
+  ``None`` means every real token, BOS included. Padding is never read or written. Only `patch`, which
+  copies between two aligned token tensors, takes plain columns.
+- Under `steering`, `model.generate` with its key/value cache is steered at the positions asked for at every
+  step: the new token of each step is steered whenever the positions include it (AFTER_BOS, -1, ...).
+- Every function takes a prompt, a list of prompts, or a [batch, pos] token tensor; a prompt longer than
+  the model's context (``cfg.n_ctx``) raises ValueError at once.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Union
@@ -17,7 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Inputs = Union[str, Sequence[str], Tensor]
-Positions = Union[int, Sequence[int], slice, None]
+Positions = Union[int, Sequence[int], slice, str, None]
+
+AFTER_BOS = "after_bos"   # every real token after each prompt's BOS (padding and BOS left alone)
 
 HOOK_KINDS = {
     "resid_pre": "blocks.{L}.hook_resid_pre",
@@ -70,16 +81,26 @@ def hook_name(model, kind: str, layer: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # tokens
+def _check_length(model, tokens: Tensor) -> Tensor:
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx and tokens.shape[-1] > n_ctx:
+        raise ValueError(f"the input is {tokens.shape[-1]} tokens long (BOS included), longer than the model's "
+                         f"context of {n_ctx} tokens (cfg.n_ctx): shorten the prompt or split it")
+    return tokens
+
+
 def to_tokens(model, inputs: Inputs, padding_side: str = "left") -> Tensor:
-    """[batch, pos] tokens, BOS prepended, left-padded so position -1 is each prompt's last token."""
+    """[batch, pos] tokens, BOS prepended, left-padded so position -1 is each prompt's last token.
+    Raises ValueError when a prompt is longer than the model's context (nothing is silently truncated)."""
     if isinstance(inputs, Tensor):
         tokens = inputs if inputs.ndim == 2 else inputs.unsqueeze(0)
-        return tokens.to(model.cfg.device)
+        return _check_length(model, tokens).to(model.cfg.device)
     if isinstance(inputs, str):
         inputs = [inputs]
     if not isinstance(inputs, Sequence) or not all(isinstance(p, str) for p in inputs) or len(inputs) == 0:
         raise TypeError("inputs must be a prompt, a non-empty list of prompts, or a [batch, pos] token tensor")
-    return model.to_tokens(list(inputs), padding_side=padding_side)
+    # truncate=False: the bridge would otherwise cut a long prompt at n_ctx and run it for minutes.
+    return _check_length(model, model.to_tokens(list(inputs), padding_side=padding_side, truncate=False))
 
 
 def attention_mask(model, tokens: Tensor) -> Tensor:
@@ -92,6 +113,77 @@ def attention_mask(model, tokens: Tensor) -> Tensor:
 
 def _forward(model, tokens: Tensor, **kwargs: Any) -> Tensor:
     return model(tokens, attention_mask=attention_mask(model, tokens), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# positions, counted inside each prompt
+def _check_positions(pos: Positions) -> None:
+    if pos is None or isinstance(pos, slice):
+        return
+    if isinstance(pos, str):
+        if pos != AFTER_BOS:
+            raise ValueError(f"unknown position name {pos!r}; use {AFTER_BOS!r} (or an int, a list, a slice, None)")
+        return
+    items = [pos] if isinstance(pos, int) else pos
+    if isinstance(pos, bool) or not isinstance(items, Sequence) or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in items):
+        raise TypeError(f"pos must be an int, a list of ints, a slice, {AFTER_BOS!r} or None, got {pos!r}")
+
+
+def position_mask(mask: Tensor, pos: Positions) -> Tensor:
+    """[batch, seq] bool: the positions `pos` picks in each row of a [batch, seq] attention mask, counted
+    inside each row's real tokens (0 = its BOS, -1 = its last token; see the module docstring). Padding is
+    never picked. An int or a list of ints out of range for some row raises IndexError."""
+    _check_positions(pos)
+    real = mask.bool()
+    if pos is None:
+        return real
+    rank = real.long().cumsum(1) - 1                   # index of each real token inside its own prompt
+    n_real = real.sum(1, keepdim=True)                 # [batch, 1]
+    if pos == AFTER_BOS:
+        return real & (rank >= 1)
+    if isinstance(pos, slice):
+        out = torch.zeros_like(real)
+        for n in n_real[:, 0].unique().tolist():       # rows of one length pick the same positions
+            wanted = torch.zeros(int(n), dtype=torch.bool, device=real.device)
+            wanted[pos] = True
+            rows = n_real[:, 0] == n
+            out[rows] = real[rows] & wanted[rank[rows].clamp(0, max(int(n) - 1, 0))]
+        return out
+    out = torch.zeros_like(real)
+    for p in [pos] if isinstance(pos, int) else pos:
+        target = torch.full_like(n_real, p) if p >= 0 else n_real + p
+        if ((target < 0) | (target >= n_real)).any():
+            raise IndexError(f"position {p} is outside a prompt of {int(n_real.min())} tokens (BOS included)")
+        out |= real & (rank == target)
+    return out
+
+
+def _columns(mask: Tensor, pos: int | Sequence[int]) -> Tensor:
+    """Column index of position `pos` (an int: [batch]; a list: [batch, k]) in each row, counted inside
+    each row's real tokens."""
+    single = isinstance(pos, int)
+    cols = []
+    for p in [pos] if single else list(pos):
+        cols.append(position_mask(mask, p).float().argmax(1))
+    return cols[0] if single else torch.stack(cols, 1)
+
+
+def _take(out: Tensor, mask: Tensor, pos: Positions) -> Tensor:
+    """`out[:, pos]` with `pos` counted inside each prompt ([batch, ...] for an int, [batch, k, ...] for a
+    list). A slice or a position name needs rows of equal length: allowed only without padding."""
+    if pos is None:
+        return out
+    _check_positions(pos)
+    rows = torch.arange(out.shape[0], device=out.device)
+    if isinstance(pos, int):
+        return out[rows, _columns(mask, pos).to(out.device)]
+    if isinstance(pos, (slice, str)):
+        if not mask.bool().all():
+            raise ValueError(f"pos={pos!r} picks a different number of tokens in each padded prompt: pass an int, a "
+                             "list of ints, or pos=None and select with `attention_mask`")
+        return out[:, position_mask(mask, pos)[0].to(out.device)]
+    return out[rows[:, None], _columns(mask, pos).to(out.device)]
 
 
 def token_id(model, word: str) -> int:
@@ -133,23 +225,31 @@ def run_with_cache(model, inputs: Inputs, names: str | Sequence[str] | Callable[
 def residual_stream(model, inputs: Inputs, layers: Sequence[int] | None = None, pos: Positions = -1,
                     batch_size: int = 32) -> Tensor:
     """Residual stream at `layers` (default all 0..n_layers): [n_sel_layers, batch, d_model] for an int
-    `pos`, [n_sel_layers, batch, n_pos, d_model] for a list of positions or pos=None (all)."""
+    `pos`, [n_sel_layers, batch, n_pos, d_model] for a list of positions or pos=None (every column, padding
+    included: select with `attention_mask`). Positions count inside each prompt (0 = its BOS, -1 = its last
+    token), so they pick the same token of every prompt of a left-padded batch."""
     tokens = to_tokens(model, inputs)
     layers = list(range(n_layers(model) + 1)) if layers is None else [check_layer(model, l, True) for l in layers]
     names = [resid_name(model, l) for l in layers]
+    _check_positions(pos)
     chunks = []
     for start in range(0, tokens.shape[0], batch_size):
-        _, cache = run_with_cache(model, tokens[start:start + batch_size], names)
+        chunk = tokens[start:start + batch_size]
+        _, cache = run_with_cache(model, chunk, names)
         stack = torch.stack([cache[n] for n in names])  # [layers, batch, pos, d]
-        chunks.append(stack if pos is None else stack[:, :, pos])
+        if pos is None:
+            chunks.append(stack)
+        else:
+            picked = _take(stack.permute(1, 2, 0, 3), attention_mask(model, chunk), pos)  # [batch, (k,) layers, d]
+            chunks.append(picked.permute(1, 0, 2) if picked.ndim == 3 else picked.permute(2, 0, 1, 3))
     return torch.cat(chunks, dim=1)
 
 
 @torch.no_grad()
 def logits(model, inputs: Inputs, pos: Positions = -1) -> Tensor:
-    """Logits at `pos` ([batch, vocab] for an int)."""
-    out = _forward(model, to_tokens(model, inputs))
-    return out if pos is None else out[:, pos]
+    """Logits at `pos` ([batch, vocab] for an int; positions count inside each prompt)."""
+    tokens = to_tokens(model, inputs)
+    return _take(_forward(model, tokens), attention_mask(model, tokens), pos)
 
 
 def unembed(model, resid: Tensor) -> Tensor:
@@ -170,62 +270,123 @@ def logit_lens(model, inputs: Inputs, pos: int = -1) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # writing
-def _positions_index(pos: Positions):
-    if pos is None:
-        return slice(None)
-    if isinstance(pos, slice):
-        return pos
-    return [pos] if isinstance(pos, int) else list(pos)
-
-
-def steering_hook(vector: Tensor, scale: float = 1.0, pos: Positions = None) -> Callable:
-    """A hook function adding scale * vector ([d_model], or [batch, d_model]) at positions `pos`."""
-    index = _positions_index(pos)
+def steering_hook(vector: Tensor, scale: float = 1.0, pos: Positions = None,
+                  mask: Tensor | Callable[[], Tensor | None] | None = None) -> Callable:
+    """A hook function adding scale * vector ([d_model], or [batch, d_model]) at positions `pos`, counted
+    inside each prompt of `mask` ([batch, seq] attention mask of the whole sequence, or a function returning
+    the current one; None: every column is a real token). When the hooked activation covers only the last
+    T columns of the sequence (a key/value-cached generation step), those columns are the ones steered."""
+    _check_positions(pos)
 
     def hook(resid: Tensor, hook: Any = None) -> Tensor:
+        batch, width = resid.shape[:2]
+        full = mask() if callable(mask) else mask
+        if full is None or full.shape[0] != batch or full.shape[1] < width:
+            full = torch.ones(batch, width, dtype=torch.long, device=resid.device)
+        where = position_mask(full.to(resid.device), pos)[:, -width:]
         v = (scale * vector).to(resid.dtype).to(resid.device)
         if v.ndim == 2:  # per-prompt vectors
             v = v[:, None, :]
-        resid[:, index] = resid[:, index] + v
-        return resid
+        return resid + where[..., None].to(resid.dtype) * v
 
     return hook
 
 
-def _check_vector(model, vector: Tensor) -> Tensor:
+def _check_vector(model, vector: Tensor, scale: float = 1.0) -> Tensor:
     if not isinstance(vector, Tensor):
         vector = torch.as_tensor(vector, dtype=torch.float32)
     if vector.shape[-1] != model.cfg.d_model:
         raise ValueError(f"vector has last dimension {vector.shape[-1]}, the model's d_model is {model.cfg.d_model}")
+    if not torch.isfinite(vector).all():
+        bad = (~torch.isfinite(vector)).sum().item()
+        raise ValueError(f"the steering vector has {bad} NaN or inf entries: it would turn every logit into NaN")
+    try:
+        finite = math.isfinite(float(scale)) and not isinstance(scale, bool)
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     return vector
 
 
 @torch.no_grad()
 def add_vector(model, inputs: Inputs, vector: Tensor, layer: int, scale: float = 1.0,
-               pos: Positions = None, return_pos: Positions = -1) -> Tensor:
-    """Logits (at `return_pos`) with scale * vector added to the residual stream entering `layer`
-    at positions `pos` (default: every position)."""
-    vector = _check_vector(model, vector)
+               pos: Positions = AFTER_BOS, return_pos: Positions = -1) -> Tensor:
+    """Logits (at `return_pos`) with scale * vector ([d_model], or [batch, d_model]: one per prompt) added
+    to the residual stream entering `layer` at positions `pos` (default AFTER_BOS: every real token after
+    each prompt's BOS). Positions count inside each prompt, so a left-padded batch is steered exactly as each
+    prompt alone: ``slice(1, None)`` is the same as AFTER_BOS."""
+    vector = _check_vector(model, vector, scale)
     tokens = to_tokens(model, inputs)
-    out = model.run_with_hooks(tokens, fwd_hooks=[(resid_name(model, layer), steering_hook(vector, scale, pos))],
-                               attention_mask=attention_mask(model, tokens))
-    return out if return_pos is None else out[:, return_pos]
+    if vector.ndim == 2 and vector.shape[0] != tokens.shape[0]:
+        raise ValueError(f"{vector.shape[0]} vectors for {tokens.shape[0]} prompts")
+    mask = attention_mask(model, tokens)
+    out = model.run_with_hooks(tokens, fwd_hooks=[(resid_name(model, layer), steering_hook(vector, scale, pos, mask))],
+                               attention_mask=mask)
+    return _take(out, mask, return_pos)
+
+
+def _call_mask(model, args: tuple, kwargs: dict) -> Tensor | None:
+    """The attention mask of the whole sequence a forward call works on (cached columns included), or None
+    when it cannot be told (then every column counts as a real token)."""
+    given = kwargs.get("attention_mask")
+    if isinstance(given, Tensor) and given.ndim == 2:
+        return given
+    if given is not None:       # a 4-D mask (packed prompts): no per-row positions to read
+        return None
+    tokens = args[0] if args else kwargs.get("input")
+    if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.ndim != 2:
+        return None
+    new = attention_mask(model, tokens)
+    past = kwargs.get("past_key_values")
+    n_past = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+    if n_past:
+        new = torch.cat([torch.ones(new.shape[0], n_past, dtype=new.dtype, device=new.device), new], 1)
+    return new
 
 
 @contextmanager
-def steering(model, vector: Tensor, layer: int, scale: float = 1.0, pos: Positions = None) -> Iterator[None]:
-    """Keep a steering vector in place for everything run inside the block (e.g. `model.generate`)."""
-    vector = _check_vector(model, vector)
-    with model.hooks(fwd_hooks=[(resid_name(model, layer), steering_hook(vector, scale, pos))]):
-        yield
+def steering(model, vector: Tensor, layer: int, scale: float = 1.0, pos: Positions = AFTER_BOS) -> Iterator[None]:
+    """Keep a steering vector in place for everything run inside the block (e.g. `model.generate`).
+
+    Positions count inside each prompt and are read from each forward call's attention mask (default
+    AFTER_BOS: every real token after BOS). Under `model.generate` with its key/value cache, every step's
+    new token is steered too whenever `pos` includes it, so a steered generation equals, step by step, a
+    full forward pass of the same tokens with the same steering."""
+    vector = _check_vector(model, vector, scale)
+    _check_positions(pos)
+    state: dict[str, Tensor | None] = {}
+
+    def before(module, args, kwargs):
+        state["mask"] = _call_mask(model, args, kwargs)
+
+    def after(module, args, kwargs, output):
+        state.pop("mask", None)
+
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
+               model.register_forward_hook(after, with_kwargs=True, always_call=True)]
+    try:
+        with model.hooks(fwd_hooks=[(resid_name(model, layer), steering_hook(vector, scale, pos, lambda: state.get("mask")))]):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()
 def patch(model, inputs: Inputs, source: dict[str, Tensor], pos: Positions = None,
           return_pos: Positions = -1) -> Tensor:
     """Logits of `inputs` with the named activations replaced by `source[name]` (same shape, e.g. from
-    `run_with_cache` on another prompt of the same length) at positions `pos` (default: all)."""
-    index = _positions_index(pos)
+    `run_with_cache` on another prompt of the same length) at positions `pos` (default: all).
+
+    Unlike the rest of this module, `pos` and `return_pos` here are plain columns of the token tensor: a
+    patch copies between two aligned tensors (same width, same padding), column for column."""
+    if pos is None:
+        index: Any = slice(None)
+    elif isinstance(pos, slice):
+        index = pos
+    else:
+        index = [pos] if isinstance(pos, int) else list(pos)
     tokens = to_tokens(model, inputs)
 
     def make_hook(value: Tensor) -> Callable:

@@ -101,3 +101,16 @@ def test_list_models_shows_offline_default():
     table = helpers.list_models(check_hub=False)
     row = table[table.name == helpers.DEFAULT_MODEL]
     assert len(row) == 1 and bool(row.available.iloc[0])
+
+
+def test_prompt_longer_than_the_context_raises_at_once(model):
+    n_ctx = model.cfg.n_ctx
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=f"context of {n_ctx}"):
+        I.logits(model, "word " * (n_ctx + 800))           # ~9,000 tokens for the 8,192-token default
+    with pytest.raises(ValueError, match=f"context of {n_ctx}"):
+        I.residual_stream(model, ["short", "word " * (n_ctx + 800)], layers=[1])
+    with pytest.raises(ValueError, match=f"context of {n_ctx}"):
+        I.to_tokens(model, torch.ones(1, n_ctx + 1, dtype=torch.long))
+    assert time.perf_counter() - t0 < 5
+    assert I.to_tokens(model, "word " * 100).shape[1] > 100     # an ordinary prompt is not truncated or refused
