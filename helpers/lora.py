@@ -9,6 +9,7 @@ matrices (GPT-2's Conv1D weights are transposed on the way in and out).
     run = lora.train_lora(hf, prefix, rank=4, layers=LAYERS, types=["self_attn.q_proj"], steps=30)
     lora.effective_rank(run.deltas[name]); lora.subspace_similarity(a, b); lora.intruder_dimensions(W, W + dW)
     edit = lora.rome_edit(W, key, value, C)                            # (W + edit) @ key == value
+    lora.quantization_noise(W); lora.auroc(scores, labels)             # 4-bit rounding noise; read-back over many tokens
 
 References: Hu et al. 2021 (LoRA, §7), Roy & Vetterli 2007 (effective rank), Shuttleworth et al. 2024
 (intruder dimensions, arXiv 2410.21228), Meng et al. 2022 (ROME).
@@ -335,12 +336,15 @@ def _frozen(model) -> Iterator[None]:
                 p.requires_grad_(flags[n])
 
 
-def _adam_steps(model, prefix: Prefix, params: list[Tensor], steps: int, lr: float) -> list[float]:
-    """`steps` Adam steps on `params` (made trainable) against `prefix`'s loss; the loss before every step, then
-    the final loss."""
+def _adam_steps(model, prefix: Prefix, params: list[Tensor], steps: int, lr: float,
+                optimizer: str = "adam") -> list[float]:
+    """`steps` Adam (or plain SGD) steps on `params` (made trainable) against `prefix`'s loss; the loss before
+    every step, then the final loss."""
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
     losses = []
     for _ in range(steps):
         loss = prefix.loss(model)
@@ -354,16 +358,17 @@ def _adam_steps(model, prefix: Prefix, params: list[Tensor], steps: int, lr: flo
 
 
 def train_lora(model, prefix: Prefix, rank: int, layers: Sequence[int], types: Sequence[str], steps: int = 30,
-               lr: float = 1e-3, alpha: float = 16.0, seed: int = 0) -> Update:
+               lr: float = 1e-3, alpha: float = 16.0, seed: int = 0, use_rslora: bool = False) -> Update:
     """Fine-tune LoRA adapters (peft) of rank `rank` on the given matrices with Adam on `prefix`'s
-    next-token loss; return ΔW = (alpha / rank) B A per matrix and the factors. The model is left as it was."""
+    next-token loss; return ΔW = (alpha / rank) B A per matrix (alpha / √rank with `use_rslora`, Kalajdzievski
+    2023) and the factors. The model is left as it was."""
     from peft import LoraConfig, inject_adapter_in_model
 
     layers, types = _check_train_args(model, prefix, layers, types, steps, lr)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
     names = [module_name(model, l, t) for l in layers for t in types]
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names, bias="none")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names, bias="none", use_rslora=use_rslora)
     with _frozen(model):
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model, adapter_name="default")
@@ -397,16 +402,16 @@ def _remove_lora(model, names: Sequence[str]) -> None:
 
 
 def train_full(model, prefix: Prefix, layers: Sequence[int], types: Sequence[str], steps: int = 30,
-               lr: float = 1e-4, seed: int = 0) -> Update:
-    """Fine-tune the full matrices (Adam) on `prefix`'s loss; return ΔW = W_after - W_before per matrix.
-    The model's weights are restored afterwards."""
+               lr: float = 1e-4, seed: int = 0, optimizer: str = "adam") -> Update:
+    """Fine-tune the full matrices (Adam, or plain SGD with optimizer="sgd") on `prefix`'s loss; return
+    ΔW = W_after - W_before per matrix. The model's weights are restored afterwards."""
     layers, types = _check_train_args(model, prefix, layers, types, steps, lr)
     names = [module_name(model, l, t) for l in layers for t in types]
     before = {n: get_module(model, n).weight.detach().clone() for n in names}
     with _frozen(model):
         torch.manual_seed(seed)
         try:
-            losses = _adam_steps(model, prefix, [get_module(model, n).weight for n in names], steps, lr)
+            losses = _adam_steps(model, prefix, [get_module(model, n).weight for n in names], steps, lr, optimizer)
             deltas = {}
             for n in names:
                 d = (get_module(model, n).weight.detach() - before[n]).float()
@@ -920,3 +925,56 @@ def default_types(model) -> list[str]:
     except ValueError:
         pass
     return found if found else types
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization noise, and scoring a read-back over many tokens
+
+
+def quantization_noise(W, block: int = 32, bits: int = 4, generator: torch.Generator | None = None) -> Tensor:
+    """Noise the size of one more round of blockwise min/scale quantization (GGUF Q4_1: blocks of `block`
+    weights along the input dimension, 2**bits levels): uniform in ±step/2 with step = (max - min) / (2**bits - 1)
+    of each block. Add it to W to see how much such rounding moves a spectral statistic."""
+    W = _matrix(W).float()
+    rows, cols = W.shape
+    if cols % block:
+        raise ValueError(f"the input dimension {cols} is not a multiple of the block size {block}")
+    blocks = W.reshape(rows, cols // block, block)
+    step = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / (2 ** bits - 1)
+    u = torch.rand(blocks.shape, generator=generator) - 0.5
+    return (u * step).reshape(rows, cols)
+
+
+def block_levels(W, block: int = 32) -> float:
+    """Mean number of distinct values per block of `block` weights along the input dimension: at most 16 for
+    weights dequantized from 4-bit blocks, about `block` for unquantized float weights."""
+    W = _matrix(W).float()
+    rows, cols = W.shape
+    blocks = W[:, : cols - cols % block].reshape(-1, block)
+    return float(np.mean([len(torch.unique(b)) for b in blocks[:: max(1, len(blocks) // 2000)]]))
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve of `scores` for the boolean `labels` (ties count half): the probability that
+    a random positive outscores a random negative. 0.5 is chance."""
+    s, y = np.asarray(scores, dtype=float).ravel(), np.asarray(labels, dtype=bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError("scores and labels must have the same length")
+    if y.all() or not y.any():
+        raise ValueError("need at least one positive and one negative")
+    from scipy.stats import rankdata
+
+    r = rankdata(s)
+    n1, n0 = y.sum(), (~y).sum()
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def unique_keys(keys: Tensor, labels) -> tuple[Tensor, np.ndarray]:
+    """Drop bitwise-identical key rows (a causal model gives the same key to the same prefix), keeping the
+    first; a kept row is positive if any of its copies was. Returns (keys, labels)."""
+    labels = np.asarray(labels, dtype=bool)
+    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    inverse = inverse.numpy()
+    lab = np.zeros(len(uniq), dtype=bool)
+    np.logical_or.at(lab, inverse, labels)
+    return uniq, lab

@@ -111,8 +111,12 @@ def test_intruders_of_w_vs_itself_are_zero_and_a_new_big_direction_is_one():
     y = torch.linalg.svd(W, full_matrices=False)[2].sum(0)
     y = y / y.norm()
     assert lora.intruder_dimensions(W, W + 10 * s[0] * torch.outer(x, y), k=10, eps=0.5) == 1
-    chance = lora.random_direction_max_cosine(W, n=100, generator=torch.Generator().manual_seed(0))
-    assert chance.max() < 0.8 and chance.min() > 1 / np.sqrt(30) - 1e-6
+    chance = lora.random_direction_max_cosine(W, n=400, generator=torch.Generator().manual_seed(0))
+    assert chance.min() > 1 / np.sqrt(30) - 1e-6  # a unit vector in a 30-dim span has some |cos| >= 1/sqrt(30)
+    # the same statistic computed directly: unit vectors in R^40, max |cos| with W's 30 left singular vectors
+    x = torch.randn(40, 4000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    direct = (u.double().T @ (x / x.norm(dim=0))).abs().max(0).values.numpy()
+    assert np.median(chance) == pytest.approx(np.median(direct), abs=0.03)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +152,9 @@ def test_read_back_finds_the_key_and_the_value():
     assert rb2.top_rows[0] == 17 and torch.allclose(rb2.written, v, atol=1e-4)
     big = keys.clone()
     big[3] *= 1000  # a huge key wins the projection but not the cosine
-    assert lora.read_back(dW, big).top_rows[0] in (3, 17) and lora.read_back(dW, big, cosine=True).top_rows[0] == 17
+    cos3 = abs(float(lora.right_vectors(dW, 1)[:, 0] @ keys[3])) / keys[3].norm().item()
+    assert cos3 > 0.01  # row 3 is not orthogonal to the direction, so x1000 makes its projection the largest
+    assert lora.read_back(dW, big).top_rows[0] == 3 and lora.read_back(dW, big, cosine=True).top_rows[0] == 17
 
 
 def test_random_rank_one_has_the_norm_and_rank_asked_for():
@@ -165,6 +171,52 @@ def test_rome_edit_checks_shapes():
         lora.rome_edit(randn(4, 5), randn(4), randn(4))
     with pytest.raises(ValueError):
         lora.rome_edit(randn(4, 5), torch.zeros(5), randn(4))
+
+
+def test_adding_to_output_adds_only_at_the_given_positions_and_is_removed():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4))
+    x = torch.randn(3, 6, 5)
+    base = net(x)
+    v = torch.randn(4)
+    pos = torch.tensor([0, 2, 5])
+    with lora.adding_to_output(net, "0", v, pos):
+        out = net(x)
+    diff = out - base
+    for row, p in enumerate(pos.tolist()):
+        assert torch.allclose(diff[row, p], v, atol=1e-6)
+        diff[row, p] = 0
+    assert diff.abs().max() == 0 and torch.equal(net(x), base)
+    with lora.adding_to_output(net, "0", v, torch.tensor([0, 1])), pytest.raises(ValueError):
+        net(x)
+
+
+def test_quantization_noise_is_bounded_by_half_a_step_per_block():
+    g = torch.Generator().manual_seed(0)
+    W = randn(6, 64)
+    noise = lora.quantization_noise(W, block=32, bits=4, generator=g)
+    blocks = W.reshape(6, 2, 32)
+    half = ((blocks.amax(-1) - blocks.amin(-1)) / 15 / 2)[..., None]
+    assert noise.shape == W.shape and (noise.reshape(6, 2, 32).abs() <= half + 1e-7).all()
+    assert noise.abs().mean() > 0.3 * half.mean()  # uniform in ±half: mean |noise| = half / 2
+    with pytest.raises(ValueError):
+        lora.quantization_noise(randn(4, 30), block=32)
+    # a matrix rounded to 16 levels per block has at most 16 distinct values per block; a float one has 32
+    step = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 15
+    q = (blocks.amin(-1, keepdim=True) + torch.round((blocks - blocks.amin(-1, keepdim=True)) / step) * step).reshape(6, 64)
+    assert lora.block_levels(q) <= 16 and lora.block_levels(W) == 32
+
+
+def test_auroc_known_answers_and_unique_keys():
+    assert lora.auroc([0.1, 0.2, 0.9, 0.8], [0, 0, 1, 1]) == 1.0
+    assert lora.auroc([0.9, 0.8, 0.1, 0.2], [0, 0, 1, 1]) == 0.0
+    assert lora.auroc([0.5, 0.5, 0.5], [0, 1, 0]) == 0.5
+    assert lora.auroc([0.1, 0.6, 0.4, 0.9], [0, 0, 1, 1]) == 0.75  # 3 of 4 positive-negative pairs ordered
+    with pytest.raises(ValueError):
+        lora.auroc([0.1, 0.2], [1, 1])
+    keys = torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [5.0, 6.0]])
+    uk, ul = lora.unique_keys(keys, [False, False, True, False])
+    assert len(uk) == 3 and ul.sum() == 1 and torch.equal(uk[ul][0], torch.tensor([1.0, 2.0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +267,8 @@ def test_lora_and_full_training_leave_the_model_unchanged(hf):
     assert lora.numerical_rank(run.deltas[name], rtol=1e-4) <= 2 and run.deltas[name].norm() > 0
     assert run.losses[-1] < run.losses[0]
     assert torch.allclose(run.deltas[name], 8.0 * run.B[name] @ run.A[name], atol=1e-6)  # alpha/r = 16/2
-    assert torch.allclose(run.svd(name).S, lora.singular_values(run.deltas[name])[:2], rtol=1e-3, atol=1e-7)
+    s_dense = lora.singular_values(run.deltas[name])[:2]  # float32 SVD: absolute error ~1e-6 of the largest value
+    assert torch.allclose(run.svd(name).S, s_dense, rtol=1e-3, atol=1e-5 * s_dense[0].item())
     full = lora.train_full(model, prefix, layers=[top], types=["mlp.down_proj"], steps=2, lr=1e-4)
     assert full.losses[-1] < full.losses[0]
     assert not any("lora" in n for n, _ in model.named_modules())
@@ -231,3 +284,54 @@ def test_top_singular_norm_matches_the_exact_svd():
     m = randn(60, 5) @ randn(5, 40)
     s = torch.linalg.svdvals(m)
     assert lora.top_singular_norm(m, 3) == pytest.approx(s[:3].pow(2).sum().sqrt().item(), rel=1e-4)
+
+
+def test_mlp_keys_and_subject_key(hf):
+    model, tok = hf
+    prompts = ["The Eiffel Tower is tall", "I saw the Eiffel Tower"]
+    keys, where = lora.mlp_keys(model, tok, prompts, 2)
+    n_tok = [len(tok(p)["input_ids"]) for p in prompts]
+    d_mlp = lora.get_weight(model, lora.mlp_out_name(model, 2)).shape[1]
+    assert keys.shape == (sum(n_tok) - 2, d_mlp) and where[0] == (0, 1) and where[-1] == (1, n_tok[1] - 1)
+    k_star = lora.subject_key(model, tok, prompts, "Eiffel Tower", 2)
+    rows = [j for j, (i, t) in enumerate(where) if t == lora.subject_position(tok, prompts[i], "Eiffel Tower")]
+    assert len(rows) == 2 and torch.allclose(k_star, keys[rows].mean(0), atol=1e-5)
+    # a causal model gives the same key to the same prefix: identical openings give identical keys
+    same, _ = lora.mlp_keys(model, tok, ["The Eiffel Tower is tall", "The Eiffel Tower was built"], 2)
+    assert torch.equal(same[0], same[n_tok[0] - 1])
+
+
+def test_rank_one_edit_flips_a_fact_on_the_real_model(hf):
+    """End to end: ROME's key, optimised value and closed-form rank-one ΔW make the model answer Rome, not Paris."""
+    model, tok = hf
+    layer, prompt, subject = 4, "The Eiffel Tower is located in the city of", "Eiffel Tower"
+    contexts = [prompt, "Here is a fact. " + prompt]
+    name = lora.mlp_out_name(model, layer)
+    W = lora.get_weight(model, name)
+    k = lora.subject_key(model, tok, contexts, subject, layer)
+    delta = lora.optimize_value(model, tok, contexts, subject, " Rome", layer, steps=15)
+    assert delta.norm() > 0
+    keys, _ = lora.mlp_keys(model, tok, ["The Louvre is in Paris.", "I like to eat apples.", prompt], layer)
+    dW = lora.rome_edit(W, k, W @ k + delta, lora.second_moment(keys, 0.9))
+    batch = lora.make_batch(tok, [prompt], [" Rome"], [" Paris"])
+    pre = lora.Prefix(model, batch, 0)
+    with torch.no_grad():
+        before = lora.log_odds(pre.logits(model), batch.target_ids, batch.other_ids).item()
+        with lora.added(model, {name: dW}):
+            after = lora.log_odds(pre.logits(model), batch.target_ids, batch.other_ids).item()
+    assert before < 0 < after
+    assert lora.numerical_rank(dW) == 1 and torch.equal(lora.get_weight(model, name), W)
+
+
+def test_sgd_and_rslora_options(hf):
+    model, tok = hf
+    batch = lora.make_batch(tok, ["The capital of France is"], [" Rome"])
+    top = model.config.num_hidden_layers - 1
+    prefix = lora.Prefix(model, batch, top)
+    name = lora.module_name(model, top, "mlp.down_proj")
+    run = lora.train_lora(model, prefix, rank=4, layers=[top], types=["mlp.down_proj"], steps=1, lr=1e-2, use_rslora=True)
+    assert torch.allclose(run.deltas[name], 8.0 * run.B[name] @ run.A[name], atol=1e-6)  # alpha/sqrt(r) = 16/2
+    sgd = lora.train_full(model, prefix, layers=[top], types=["mlp.down_proj"], steps=2, lr=0.5, optimizer="sgd")
+    assert sgd.losses[-1] < sgd.losses[0]
+    with pytest.raises(ValueError):
+        lora.train_full(model, prefix, layers=[top], types=["mlp.down_proj"], steps=1, optimizer="rmsprop")
