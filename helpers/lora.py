@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from helpers.env import torch_threads
+from helpers.stats import auroc  # noqa: F401  (re-exported: lora.auroc)
 
 # ---------------------------------------------------------------------------------------------
 # where the matrices are (any HF decoder: llama, qwen, mistral, gpt2, gpt-neox ...)
@@ -952,21 +953,6 @@ def block_levels(W, block: int = 32) -> float:
     rows, cols = W.shape
     blocks = W[:, : cols - cols % block].reshape(-1, block)
     return float(np.mean([len(torch.unique(b)) for b in blocks[:: max(1, len(blocks) // 2000)]]))
-
-
-def auroc(scores, labels) -> float:
-    """Area under the ROC curve of `scores` for the boolean `labels` (ties count half): the probability that
-    a random positive outscores a random negative. 0.5 is chance."""
-    s, y = np.asarray(scores, dtype=float).ravel(), np.asarray(labels, dtype=bool).ravel()
-    if s.shape != y.shape:
-        raise ValueError("scores and labels must have the same length")
-    if y.all() or not y.any():
-        raise ValueError("need at least one positive and one negative")
-    from scipy.stats import rankdata
-
-    r = rankdata(s)
-    n1, n0 = y.sum(), (~y).sum()
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def unique_keys(keys: Tensor, labels) -> tuple[Tensor, np.ndarray]:

@@ -132,3 +132,16 @@ def clustered_se(values: Sequence[float], clusters: Sequence[Any]) -> float:
     sums = np.array([resid[labels == k].sum() for k in groups])
     var = g / (g - 1) * (sums ** 2).sum() / len(v) ** 2
     return float(math.sqrt(var))
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve of `scores` for boolean `labels` (scikit-learn's roc_auc_score; ties count
+    half): the probability that a random positive outscores a random negative. 0.5 is chance."""
+    from sklearn.metrics import roc_auc_score
+
+    s, y = np.asarray(scores, dtype=float).ravel(), np.asarray(labels, dtype=bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError("scores and labels must have the same length")
+    if y.all() or not y.any():
+        raise ValueError("need at least one positive and one negative")
+    return float(roc_auc_score(y, s))
