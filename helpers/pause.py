@@ -10,6 +10,8 @@ pause positions hold, and train a tiny transformer on a synthetic 3SUM task with
     net, losses = pause.train_three_sum(cfg, "filler + supervision")   # also "no filler", "filler", ...
     pause.three_sum_accuracy(net, cfg, "filler + supervision", n=4)   # held-out accuracy, Wilson interval
     pause.three_sum_filler_patch(net, cfg, "filler + supervision", n=4)  # is the answer read off the fillers?
+    cfg = pause.ThreeSumConfig(n_min=3, n_max=5, dim=2, mod=5, square_fillers=True)   # Pfau et al.'s match-3:
+    net, losses = pause.train_three_sum(cfg, "filler + CoT mix")        # n_max**2 fillers, 50/50 CoT strings
 
 References: Goyal et al. 2023, "Think before you speak: training language models with pause tokens"
 (arXiv 2310.02226); Pfau, Merrill & Bowman 2024, "Let's think dot by dot" (arXiv 2404.15758).
@@ -30,11 +32,15 @@ from torch import Tensor, nn
 from helpers.env import DATA, torch_threads
 from helpers.stats import bootstrap_ci, bootstrap_ratio_ci, paired_difference, wilson_interval  # noqa: F401  (moved to stats)
 
-FILLER_KINDS = ("dots", "newlines", "special", "meaningful")
+FILLER_KINDS = ("dots", "newlines", "special", "meaningful", "neutral")
 # Task-irrelevant but meaningful text: the "same length, real tokens" control for pauses.
 NEUTRAL_TEXT = (" The weather was mild and the streets were quiet that morning, so we walked slowly along"
                 " the river before breakfast and talked about the garden, the neighbours and the old bridge.")
+# Task-neutral real words (no content of their own, no distractor): the same-length control for pauses
+# that keeps the prompt on task. Repeated to length k.
+NEUTRAL_PAD = " Let me think about this before I answer."
 TASKS_FILE = "pause_tasks.json"
+PLACEMENTS = ("mid", "end")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,8 +141,9 @@ def unused_special_token(tokenizer, embeddings: Tensor) -> int:
 def filler_ids(tokenizer, kind: str, k: int, special_id: int | None = None,
                neutral_text: str = NEUTRAL_TEXT) -> list[int]:
     """k filler token ids of one kind: "dots" (the token ' .'), "newlines" (k newline tokens), "special"
-    (`special_id`, e.g. from `unused_special_token`), or "meaningful" (the first k tokens of a neutral
-    sentence: the same-length control with real words)."""
+    (`special_id`, e.g. from `unused_special_token`), "meaningful" (the first k tokens of an irrelevant
+    sentence: a distractor with real words) or "neutral" (the first k tokens of `NEUTRAL_PAD` repeated:
+    real words with no task content, the task-neutral same-length control)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k must be an int >= 0, got {k!r}")
     if kind not in FILLER_KINDS:
@@ -151,7 +158,7 @@ def filler_ids(tokenizer, kind: str, k: int, special_id: int | None = None,
         if special_id is None:
             raise ValueError("kind='special' needs special_id (see unused_special_token)")
         return [int(special_id)] * k
-    text_ids = _ids(tokenizer, neutral_text)
+    text_ids = _ids(tokenizer, NEUTRAL_PAD if kind == "neutral" else neutral_text)
     while len(text_ids) < k:
         text_ids = text_ids + text_ids
     return text_ids[:k]
@@ -241,7 +248,8 @@ def paired_sources(answers: Sequence[int], seed: int = 0) -> tuple[np.ndarray, n
 # scoring, with a shared prefix computed once
 @torch.no_grad()
 def score_pauses(hf_model, tokenizer, family: dict[str, Any], runs: dict[str, Sequence[int]], ks: Sequence[int],
-                 batch_size: int = 64, threads: int | None = 1) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+                 batch_size: int = 64, threads: int | None = 1, placement: str = "mid"
+                 ) -> dict[tuple[str, int], dict[str, np.ndarray]]:
     """Answer log-prob and correctness of every item of `family` with the first k tokens of each filler
     run in `runs` ({kind: ids}) between question and cue, for each k in `ks` (a Hugging Face causal LM).
 
@@ -249,12 +257,17 @@ def score_pauses(hf_model, tokenizer, family: dict[str, Any], runs: dict[str, Se
     for each k the cache is cut back to k fillers before the cue is read (a causal model's state after k
     fillers does not depend on later ones). Returns {(kind, k): {"logprob": [n], "correct": [n]}}; the
     numbers equal those of the full prompts (tests/test_pause.py checks this). threads: torch CPU threads
-    for these many small forward passes (see `torch_threads`; None: the current setting)."""
+    for these many small forward passes (see `torch_threads`; None: the current setting).
+
+    placement="end" (Goyal et al.'s placement): the fillers come after the cue, right before the answer,
+    which is read at the last filler (prefix + question + cue + k fillers; k = 0 reads it at the cue)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose from {PLACEMENTS}")
     with torch_threads(threads):
-        return _score_pauses(hf_model, tokenizer, family, runs, ks, batch_size)
+        return _score_pauses(hf_model, tokenizer, family, runs, ks, batch_size, placement)
 
 
-def _score_pauses(hf_model, tokenizer, family, runs, ks, batch_size):
+def _score_pauses(hf_model, tokenizer, family, runs, ks, batch_size, placement="mid"):
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 0:
         raise ValueError(f"ks must be non-negative ints, got {ks}")
@@ -263,16 +276,17 @@ def _score_pauses(hf_model, tokenizer, family, runs, ks, batch_size):
             raise ValueError(f"run {kind!r} has {len(ids)} tokens, fewer than k = {ks[-1]}")
     cue = _ids(tokenizer, family["cue"])
     answers = torch.tensor([answer_token(tokenizer, it["answer"]) for it in family["items"]])
-    prefixes = [[tokenizer.bos_token_id] + _ids(tokenizer, family["prefix"] + it["question"])
+    end = placement == "end"
+    prefixes = [[tokenizer.bos_token_id] + _ids(tokenizer, family["prefix"] + it["question"]) + (cue if end else [])
                 for it in family["items"]]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(hf_model.parameters()).device
     out = {(kind, k): {"logprob": [], "correct": []} for kind in runs for k in ks}
 
-    def step(ids: Tensor, mask: Tensor, first_pos: Tensor, cache):
+    def step(ids: Tensor, mask: Tensor, first_pos: Tensor, cache, keep: int = 1):
         pos = first_pos[:, None] + torch.arange(ids.shape[1], device=device)
         return hf_model(input_ids=ids, attention_mask=torch.cat([mask, torch.ones_like(ids)], 1), position_ids=pos,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        past_key_values=cache, use_cache=True, logits_to_keep=keep)
 
     for start in range(0, len(prefixes), batch_size):
         chunk = prefixes[start:start + batch_size]
@@ -284,11 +298,25 @@ def _score_pauses(hf_model, tokenizer, family, runs, ks, batch_size):
             mask[i, width - len(p):] = 1
         position = (mask.cumsum(-1) - 1).clamp_min(0)
         tokens, mask, position = tokens.to(device), mask.to(device), position.to(device)
-        cache = hf_model(input_ids=tokens, attention_mask=mask, position_ids=position, use_cache=True,
-                         logits_to_keep=1).past_key_values
+        first = hf_model(input_ids=tokens, attention_mask=mask, position_ids=position, use_cache=True,
+                         logits_to_keep=1)
+        cache = first.past_key_values
         nxt = position[:, -1] + 1                       # position of the first token after the prefix
         ans = answers[start:start + n].to(device)
         cue_ids = torch.tensor(cue, dtype=torch.long, device=device).expand(n, -1)
+        if end:                                          # read the answer at the cue, then at each filler
+            for kind, ids in runs.items():
+                logits = first.logits[:, -1:]
+                if ks[-1] > 0:
+                    fill = torch.tensor(list(ids[:ks[-1]]), dtype=torch.long, device=device).expand(n, -1)
+                    more = step(fill, mask, nxt, cache, keep=0).logits
+                    logits = torch.cat([logits, more], 1)
+                    _crop(cache, width)
+                for k in ks:
+                    logp = logits[:, k].float().log_softmax(-1)
+                    out[kind, k]["logprob"].append(logp.gather(1, ans[:, None])[:, 0].cpu().numpy())
+                    out[kind, k]["correct"].append((logp.argmax(-1) == ans).cpu().numpy())
+            continue
         for kind, ids in runs.items():
             if ks[-1] > 0:
                 fill = torch.tensor(list(ids[:ks[-1]]), dtype=torch.long, device=device).expand(n, -1)
@@ -395,10 +423,16 @@ def rank_gain(rows: Tensor, n_base: int, ks: Sequence[int], measure=effective_ra
 
 # ---------------------------------------------------------------------------------------------
 # the synthetic task: 3SUM over tuples (Pfau, Merrill & Bowman 2024)
-CONDITIONS = ("no filler", "filler", "filler + supervision", "no filler + supervision")
+CONDITIONS = ("no filler", "filler", "filler + supervision", "no filler + supervision", "filler + CoT mix")
 # "no filler + supervision" is a control beyond Pfau et al.: the same intermediate targets as "filler +
 # supervision" (every pair's match and complement), all read out at the answer position, with no extra positions.
 SUPERVISED = ("filler + supervision", "no filler + supervision")
+# "filler + CoT mix" follows Pfau et al.'s match-3 training (JacobPfau/fillerTokens, src/match3.py): a share
+# `cot_rate` of the training strings carries a parallelisable chain of thought in the filler slots (slot p
+# holds pair p's result, teacher-forced: its input is the previous slot's result, and it is trained to output
+# its own pair's result); the other strings hold plain fillers and are trained on the answer only. Tested on
+# filler strings only.
+FILLER_CONDITIONS = ("filler", "filler + supervision", "filler + CoT mix")
 
 
 def pair_index(n: int) -> list[tuple[int, int]]:
@@ -473,16 +507,32 @@ def three_sum_labels(x: Tensor, real: Tensor, mod: int = 10) -> dict[str, Tensor
             "first": x[:, i], "second": x[:, j]}
 
 
-def encode_three_sum(x: Tensor, real: Tensor, mod: int, n_fillers: int) -> Tensor:
+def encode_three_sum(x: Tensor, real: Tensor, mod: int, n_fillers: int,
+                     cot: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Input vectors [batch, n + n_fillers + 1, dim*mod + 4]: one-hot digits of each tuple, then flags
-    (real tuple, blank, filler, answer). Vector inputs with a linear embedding, as in Pfau et al."""
+    (real tuple, blank, filler, answer). Vector inputs with a linear embedding, as in Pfau et al.
+
+    cot = (rows [batch] bool, content [batch, n_cot, c]): the chain-of-thought slots of "filler + CoT mix".
+    Then every vector gets c + 1 more features (a CoT flag, then the content), and in `rows` the first n_cot
+    filler slots hold CoT tokens (CoT flag and content instead of the filler flag)."""
     batch, n, dim = x.shape
-    feats = torch.zeros(batch, n + n_fillers + 1, dim * mod + 4, device=x.device)
+    extra = 0 if cot is None else cot[1].shape[-1] + 1
+    base = dim * mod + 4
+    feats = torch.zeros(batch, n + n_fillers + 1, base + extra, device=x.device)
     feats[:, :n, :dim * mod] = F.one_hot(x, mod).float().reshape(batch, n, dim * mod) * real[..., None]
     feats[:, :n, dim * mod] = real.float()
     feats[:, :n, dim * mod + 1] = (~real).float()
     feats[:, n:n + n_fillers, dim * mod + 2] = 1
     feats[:, -1, dim * mod + 3] = 1
+    if cot is not None:
+        rows, content = cot[0].to(x.device), cot[1].to(x.device).float()
+        n_cot = content.shape[1]
+        if n_cot > n_fillers:
+            raise ValueError(f"{n_cot} CoT tokens do not fit in {n_fillers} filler slots")
+        slots = feats[:, n:n + n_cot]
+        slots[rows, :, dim * mod + 2] = 0
+        slots[rows, :, base] = 1
+        slots[rows, :, base + 1:] = content[rows]
     return feats
 
 
@@ -561,6 +611,9 @@ class ThreeSumConfig:
     lr: float = 3e-3
     pos_scale: float = 0.1
     copy_targets: bool = False     # supervised fillers also output x_i and x_j (besides the complement)
+    square_fillers: bool = False   # n_max**2 filler slots (Pfau et al.) instead of one per pair
+    cot_rate: float = 0.5          # "filler + CoT mix": share of training strings with a chain of thought
+    weight_decay: float = 0.01
 
     @property
     def n_pairs(self) -> int:
@@ -568,7 +621,14 @@ class ThreeSumConfig:
 
     def n_fillers(self, condition: str) -> int:
         _check_condition(condition)
-        return self.n_pairs if condition in ("filler", "filler + supervision") else 0
+        if condition not in FILLER_CONDITIONS:
+            return 0
+        return self.n_max ** 2 if self.square_fillers else self.n_pairs
+
+    def d_in(self, condition: str) -> int:
+        """Input width: digits and flags, and for "filler + CoT mix" a CoT flag and one pair block."""
+        _check_condition(condition)
+        return self.dim * self.mod + 4 + (1 + self.pair_block if condition == "filler + CoT mix" else 0)
 
     @property
     def pair_block(self) -> int:
@@ -591,21 +651,25 @@ def make_three_sum_model(cfg: ThreeSumConfig, condition: str, seed: int = 0) -> 
     """A fresh TinyTransformer sized for `cfg` and `condition` (outputs: see `ThreeSumConfig.d_out`)."""
     with torch.random.fork_rng():                  # seeded, without disturbing the caller's random stream
         torch.manual_seed(seed)
-        return TinyTransformer(cfg.dim * cfg.mod + 4, cfg.d_out(condition), cfg.n_max + cfg.n_fillers(condition) + 1,
+        return TinyTransformer(cfg.d_in(condition), cfg.d_out(condition), cfg.n_max + cfg.n_fillers(condition) + 1,
                                cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.pos_scale)
 
 
 def three_sum_loss(model: TinyTransformer, x: Tensor, real: Tensor, cfg: ThreeSumConfig, condition: str,
-                   supervise: bool | None = None, lab: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                   supervise: bool | None = None, lab: dict[str, Tensor] | None = None,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """(loss, correct [batch]). The loss is the answer's cross-entropy; with "filler + supervision" each
     filler position (i, j) also predicts whether its pair completes a triple, the complement -(x_i + x_j)
     and (with cfg.copy_targets) x_i and x_j: dense, parallelisable intermediate targets. "no filler +
-    supervision" asks the answer position for all those targets at once. supervise=False: answer only.
-    lab: `three_sum_labels(x, real, cfg.mod)` when already computed."""
+    supervision" asks the answer position for all those targets at once. "filler + CoT mix": a random
+    share cfg.cot_rate of the rows (drawn with `generator`) are CoT strings (see `_cot_mix_loss`).
+    supervise=False: answer only, every row a filler string. lab: `three_sum_labels(x, real, cfg.mod)`."""
     _check_condition(condition)
-    supervise = condition in SUPERVISED if supervise is None else supervise
+    supervise = condition in SUPERVISED + ("filler + CoT mix",) if supervise is None else supervise
     lab = three_sum_labels(x, real, cfg.mod) if lab is None else lab
     n, n_fill = x.shape[1], cfg.n_fillers(condition)
+    if condition == "filler + CoT mix":
+        return _cot_mix_loss(model, x, real, cfg, lab, supervise, generator)
     logits = model(encode_three_sum(x, real, cfg.mod, n_fill).to(x.device))
     answer = logits[:, -1, :2]
     loss = F.cross_entropy(answer, lab["label"])
@@ -626,6 +690,46 @@ def three_sum_loss(model: TinyTransformer, x: Tensor, real: Tensor, cfg: ThreeSu
     return loss, answer.argmax(-1) == lab["label"]
 
 
+def three_sum_inputs(x: Tensor, real: Tensor, cfg: ThreeSumConfig, condition: str) -> Tensor:
+    """Filler-string inputs for a model of `condition` (no CoT tokens; the CoT features, if any, are zero)."""
+    feats = encode_three_sum(x, real, cfg.mod, cfg.n_fillers(condition))
+    pad = cfg.d_in(condition) - feats.shape[-1]
+    return F.pad(feats, (0, pad)) if pad else feats
+
+
+def pair_targets(lab: dict[str, Tensor], cfg: ThreeSumConfig) -> Tensor:
+    """One-hot pair results [batch, n_pairs, pair_block]: does the pair complete a triple (2), then the
+    complement -(x_i + x_j), one-hot per coordinate; zero for pairs with a blank member."""
+    onehot = torch.cat([F.one_hot(lab["pair"], 2), F.one_hot(lab["complement"], cfg.mod).flatten(-2)], -1)
+    return onehot.float() * lab["pair_real"][..., None]
+
+
+def _cot_mix_loss(model, x, real, cfg, lab, supervise, generator):
+    """Pfau et al.'s mixture: rows drawn as CoT strings hold, in filler slot p, the previous pair's result
+    (teacher forcing) and are trained to output pair p's result there; every row is trained on the answer."""
+    n, n_fill, batch = x.shape[1], cfg.n_fillers("filler + CoT mix"), x.shape[0]
+    if supervise:
+        rows = torch.rand(batch, generator=generator) < cfg.cot_rate
+    else:
+        rows = torch.zeros(batch, dtype=torch.bool)
+    target = pair_targets(lab, cfg)                                           # [batch, P, block]
+    content = torch.cat([torch.zeros_like(target[:, :1]), target[:, :-1]], 1)   # slot p sees pair p-1
+    logits = model(encode_three_sum(x, real, cfg.mod, n_fill, cot=(rows, content)).to(x.device))
+    answer = logits[:, -1, :2]
+    loss = F.cross_entropy(answer, lab["label"])
+    if supervise and rows.any():
+        out = logits[:, n:n + target.shape[1], 2:2 + cfg.pair_block][rows.to(x.device)]
+        tgt = {key: lab[key][rows.to(x.device)] for key in ("pair", "complement", "pair_real")}
+        aux = F.cross_entropy(out[..., :2].reshape(-1, 2), tgt["pair"].reshape(-1), reduction="none")
+        for c in range(cfg.dim):
+            start = 2 + c * cfg.mod
+            aux = aux + F.cross_entropy(out[..., start:start + cfg.mod].reshape(-1, cfg.mod),
+                                        tgt["complement"][..., c].reshape(-1), reduction="none") / cfg.dim
+        weight = tgt["pair_real"].reshape(-1).float()
+        loss = loss + (aux * weight).sum() / weight.sum().clamp_min(1)
+    return loss, answer.argmax(-1) == lab["label"]
+
+
 def train_three_sum(cfg: ThreeSumConfig, condition: str, seed: int = 0, progress: bool = False,
                     device: str | torch.device = "cpu", threads: int | None = 1,
                     chunk_steps: int = 100) -> tuple[TinyTransformer, np.ndarray]:
@@ -641,7 +745,7 @@ def train_three_sum(cfg: ThreeSumConfig, condition: str, seed: int = 0, progress
         raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
     model = make_three_sum_model(cfg, condition, seed).to(device)
     gen = torch.Generator().manual_seed(seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, cfg.steps // 10)
 
     def factor(step: int) -> float:
@@ -663,7 +767,7 @@ def train_three_sum(cfg: ThreeSumConfig, condition: str, seed: int = 0, progress
                 perm = torch.randperm(n_chunk, generator=gen).to(device)   # mix positives and negatives
             rows = perm[(step % chunk_steps) * B:(step % chunk_steps + 1) * B]
             lab = {key: value[rows] for key, value in labs.items()}
-            loss, _ = three_sum_loss(model, xs[rows], reals[rows], cfg, condition, lab=lab)
+            loss, _ = three_sum_loss(model, xs[rows], reals[rows], cfg, condition, lab=lab, generator=gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -693,30 +797,32 @@ def three_sum_accuracy(model: TinyTransformer, cfg: ThreeSumConfig, condition: s
 
 @torch.no_grad()
 def three_sum_filler_patch(model: TinyTransformer, cfg: ThreeSumConfig, condition: str, n: int,
-                           n_eval: int = 1000, seed: int = 4321) -> dict[str, float]:
+                           n_eval: int = 1000, seed: int = 4321, same_label: bool = False) -> dict[str, float]:
     """Do the filler positions carry the answer? Pair each held-out instance with one of the opposite label,
     copy the other instance's filler streams (every layer) into its run, and count how often the answer
     then follows the other instance's label ("follows_source"; 1 - follows_source keep their own, since the
     labels are opposite). A model that reads the answer off its fillers follows the source (near 1); one
     that ignores them keeps its own (near 0); a model at chance gives about 0.5 either way. Returns n, the
-    clean accuracy, follows_source and its Wilson 95% interval (follows_low, follows_high)."""
+    clean accuracy, follows_source and its Wilson 95% interval (follows_low, follows_high).
+    same_label=True: the source has the *same* label (a control: a model that reads its fillers still
+    answers correctly, follows_source near its clean accuracy; a patch that merely breaks the run falls)."""
     _check_condition(condition)
     if cfg.n_fillers(condition) == 0:
         raise ValueError(f"the {condition!r} model has no filler positions to patch")
     if not cfg.n_min <= n <= cfg.n_max:
         raise ValueError(f"n = {n} is outside the trained range {cfg.n_min}..{cfg.n_max}")
-    m = n_eval + n_eval % 2
+    m = n_eval + (-n_eval) % 4
     x, real = three_sum_batch(m, n, n, cfg.dim, cfg.mod, torch.Generator().manual_seed(seed))
     x_full = torch.zeros(m, cfg.n_max, cfg.dim, dtype=x.dtype)
     real_full = torch.zeros(m, cfg.n_max, dtype=torch.bool)
     x_full[:, :n], real_full[:, :n] = x[:, :n], real[:, :n]
     label = three_sum_labels(x_full, real_full, cfg.mod)["label"]
-    swap = torch.arange(m) ^ 1                                   # rows alternate positive / negative
-    if (label == label[swap]).any():
-        raise RuntimeError("paired rows do not have opposite labels")
+    swap = torch.arange(m) ^ (2 if same_label else 1)            # rows alternate positive / negative
+    if not ((label == label[swap]).all() if same_label else (label != label[swap]).all()):
+        raise RuntimeError("paired rows do not have the intended labels")
     device = next(model.parameters()).device
     n_fill = cfg.n_fillers(condition)
-    feats = encode_three_sum(x_full, real_full, cfg.mod, n_fill).to(device)
+    feats = three_sum_inputs(x_full, real_full, cfg, condition).to(device)
     logits, hidden, _ = model(feats, return_hidden=True)
     fillers = list(range(cfg.n_max, cfg.n_max + n_fill))
     patched = model(feats, patch=(fillers, [h[swap.to(device)] for h in hidden]))

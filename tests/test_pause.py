@@ -24,6 +24,8 @@ def test_filler_ids(model):
     assert pause.filler_ids(tok, "special", 2, special_id=7) == [7, 7]
     meaningful = pause.filler_ids(tok, "meaningful", 40)
     assert len(meaningful) == 40 and len(set(meaningful)) > 10       # real, varied words
+    neutral = pause.filler_ids(tok, "neutral", 20)                     # task-neutral words, repeated
+    assert len(neutral) == 20 and tok.decode(neutral).startswith(pause.NEUTRAL_PAD)
     with pytest.raises(ValueError):
         pause.filler_ids(tok, "commas", 2)
     with pytest.raises(ValueError):
@@ -94,6 +96,21 @@ def test_cached_scoring_equals_full_prompt_logits(model):
         assert (s["correct"] == (logp.argmax(-1) == b.answer_ids).numpy()).all()
     with pytest.raises(ValueError):
         pause.score_pauses(hf, tok, fam, runs, ks=[0, 8])
+    # Goyal et al.'s placement: prefix + question + cue + k fillers, the answer read at the last one
+    runs["neutral"] = pause.filler_ids(tok, "neutral", 4)
+    end = pause.score_pauses(hf, tok, fam, runs, ks=[0, 1, 4], batch_size=2, placement="end")
+    cue = tok.encode(fam["cue"], add_special_tokens=False)
+    for (kind, k), s in end.items():
+        for row, item in enumerate(fam["items"]):
+            ids = ([tok.bos_token_id] + tok.encode(fam["prefix"] + item["question"], add_special_tokens=False)
+                   + cue + runs[kind][:k])
+            with pause.torch_threads(1):
+                logp = I.logits(model, torch.tensor([ids])).log_softmax(-1)[0]
+            answer = pause.answer_token(tok, item["answer"])
+            assert abs(s["logprob"][row] - logp[answer].item()) < 1e-3, (kind, k, row)
+            assert s["correct"][row] == (logp.argmax().item() == answer)
+    with pytest.raises(ValueError):
+        pause.score_pauses(hf, tok, fam, runs, ks=[0], placement="middle")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +291,39 @@ def test_supervised_conditions_share_targets():
     torch.manual_seed(5)
     pause.make_three_sum_model(cfg, "filler", seed=1)
     assert torch.equal(torch.rand(1), a)
+
+
+def test_cot_mix_follows_pfau_layout():
+    cfg = pause.ThreeSumConfig(n_min=3, n_max=4, dim=2, mod=5, d_model=16, n_heads=2, n_layers=2,
+                               square_fillers=True)
+    c = "filler + CoT mix"
+    assert cfg.n_fillers(c) == 16 and cfg.n_fillers("filler") == 16 and cfg.n_fillers("no filler") == 0
+    assert cfg.d_in(c) == cfg.d_in("filler") + 1 + cfg.pair_block
+    x, real = pause.three_sum_batch(8, 3, 4, dim=2, mod=5, generator=torch.Generator().manual_seed(0))
+    lab = pause.three_sum_labels(x, real, 5)
+    target = pause.pair_targets(lab, cfg)
+    assert target.shape == (8, 6, cfg.pair_block)
+    assert torch.equal(target[..., :2].argmax(-1) * lab["pair_real"], lab["pair"])
+    assert (target[~lab["pair_real"]] == 0).all()                   # pairs with a blank member: no target
+    rows = torch.tensor([True, False] * 4)
+    content = torch.cat([torch.zeros_like(target[:, :1]), target[:, :-1]], 1)
+    feats = pause.encode_three_sum(x, real, 5, 16, cot=(rows, content))
+    base = 2 * 5 + 4
+    assert feats.shape == (8, 4 + 16 + 1, cfg.d_in(c))
+    assert (feats[rows, 4:10, base] == 1).all() and (feats[rows, 4:10, base - 2] == 0).all()   # CoT, not filler
+    assert (feats[rows, 10:20, base - 2] == 1).all()                 # the slots after the CoT stay fillers
+    assert (feats[~rows, 4:20, base:] == 0).all() and (feats[~rows, 4:20, base - 2] == 1).all()
+    assert torch.equal(feats[rows, 5:10, base + 1:], target[rows, :5])   # slot p holds pair p-1 (teacher forcing)
+    plain = pause.three_sum_inputs(x, real, cfg, c)
+    assert torch.equal(plain, pause.encode_three_sum(x, real, 5, 16, cot=(torch.zeros(8, dtype=torch.bool), content)))
+    model = pause.make_three_sum_model(cfg, c, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with_cot, _ = pause.three_sum_loss(model, x, real, cfg, c, generator=g)
+    answer_only, correct = pause.three_sum_loss(model, x, real, cfg, c, supervise=False)
+    assert with_cot > answer_only > 0 and correct.shape == (8,)
+    for same in (False, True):
+        res = pause.three_sum_filler_patch(model, cfg, c, 3, n_eval=50, same_label=same)
+        assert 0 <= res["follows_low"] <= res["follows_source"] <= res["follows_high"] <= 1
 
 
 def test_torch_threads_restores_the_setting():
