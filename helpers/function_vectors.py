@@ -422,3 +422,98 @@ def indirect_effects(model, prompts: Sequence[str], answers: Tensor, mean_z: Ten
             for head, p in zip(block, probs[1:]):
                 out[i, head[0], head[1]] = p - probs[0]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# nulls, reliability and baselines for the head ranking and the function vector
+def top_share(scores: Tensor, k: int) -> float:
+    """Share of the positive part of `scores` ([L, H]) held by its k largest entries (0 when none is positive)."""
+    positive = scores.clamp_min(0).flatten()
+    total = positive.sum().item()
+    return positive.topk(k).values.sum().item() / total if total > 0 else 0.0
+
+
+def head_permutation_null(per_prompt: Tensor, k: int, n_perm: int = 500, seed: int = 0) -> Tensor:
+    """Null of `top_share` for per-prompt indirect effects [n, L, H]: each prompt's values are shuffled across
+    heads independently before averaging, so no head is consistently important. Returns [n_perm] shares."""
+    if per_prompt.ndim != 3:
+        raise ValueError(f"per_prompt must be [n_prompts, n_layers, n_heads], got {tuple(per_prompt.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    flat = per_prompt.flatten(1)
+    out = []
+    for _ in range(n_perm):
+        perm = torch.argsort(torch.rand(flat.shape, generator=gen), dim=1)
+        out.append(top_share(flat.gather(1, perm).mean(0).reshape(per_prompt.shape[1:]), k))
+    return torch.tensor(out)
+
+
+def random_depth_null(n_layers: int, n_heads: int, k: int, n_draws: int = 2000, seed: int = 0) -> Tensor:
+    """Mean layer / n_layers of k distinct random heads, n_draws times: the null of a head set's depth."""
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.stack([torch.randperm(n_layers * n_heads, generator=gen)[:k] for _ in range(n_draws)])
+    return (draws // n_heads).float().mean(1) / n_layers
+
+
+def _ranks(x: Tensor) -> Tensor:
+    return torch.argsort(torch.argsort(x)).double()
+
+
+def split_half_reliability(per_prompt: Tensor, n_splits: int = 50, seed: int = 0) -> float:
+    """Mean Spearman correlation, over random halvings of the prompts, between the heads' AIE from one half and
+    from the other (per_prompt: [n >= 2, L, H]): how reproducible the head ranking is with this many prompts."""
+    n = per_prompt.shape[0]
+    if per_prompt.ndim != 3 or n < 2:
+        raise ValueError("need per-prompt effects [n >= 2, L, H]")
+    gen = torch.Generator().manual_seed(seed)
+    rhos = []
+    for _ in range(n_splits):
+        perm = torch.randperm(n, generator=gen)
+        a, b = per_prompt[perm[:n // 2]].mean(0).flatten(), per_prompt[perm[n // 2:]].mean(0).flatten()
+        rhos.append(torch.corrcoef(torch.stack([_ranks(a), _ranks(b)]))[0, 1].item())
+    return float(sum(rhos) / len(rhos))
+
+
+def norm_matched_random(vector: Tensor, seed: int = 0) -> Tensor:
+    """A random Gaussian direction with the same norm as `vector`: the control for any added vector."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(vector.shape, generator=gen)
+    return r * (vector.float().norm() / r.norm())
+
+
+@torch.no_grad()
+def decode_top_tokens(model, vector: Tensor, k: int = 5) -> list[str]:
+    """The k tokens a vector promotes when read through the final norm and unembedding (as Todd et al. sec. 4)."""
+    logits = I.unembed(model, torch.as_tensor(vector)[None].to(model.cfg.device)).float()[0]
+    return [model.tokenizer.decode([int(t)]) for t in logits.topk(k).indices]
+
+
+def resid_hooks(model) -> tuple[list, dict[int, list[Tensor]]]:
+    """Forward hooks (for `last_token_logits(fwd_hooks=...)`) that keep the residual stream entering every block
+    at the last position, and the store they fill: {layer: [batch tensors [b, d_model]]}."""
+    store: dict[int, list[Tensor]] = {}
+
+    def grab(act, hook, layer):
+        store.setdefault(layer, []).append(act[:, -1].detach().float().cpu())
+    hooks = [(I.resid_name(model, layer), lambda act, hook, layer=layer: grab(act, hook, layer))
+             for layer in range(I.n_layers(model))]
+    return hooks, store
+
+
+@torch.no_grad()
+def whole_answer_correct(model, prompts: Sequence[Prompt], batch_size: int = 16) -> Tensor:
+    """Whether greedy decoding would produce every token of each answer (teacher-forced: each answer token is
+    the top-1 prediction given the prompt and the answer tokens before it): [n] bool. For one-token answers
+    this equals `correct`; multi-token answers (many capitals) must be right in full."""
+    if not prompts or not all(isinstance(p, Prompt) for p in prompts):
+        raise TypeError("prompts must be a non-empty list of Prompt")
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        tokens = I.to_tokens(model, [p.text + p.answer for p in chunk])
+        logits = model(tokens, attention_mask=I.attention_mask(model, tokens))
+        pred = logits[:, :-1].argmax(-1).cpu()                   # prediction for the next column
+        target = tokens[:, 1:].cpu()
+        for i, p in enumerate(chunk):
+            m = len(model.tokenizer.encode(p.answer, add_special_tokens=False))
+            out.append(bool((pred[i, -m:] == target[i, -m:]).all()))
+    return torch.tensor(out)

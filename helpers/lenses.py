@@ -158,8 +158,72 @@ def split_by_sequence(states: States, test_fraction: float = 0.3, seed: int = 0)
     return ~test, test
 
 
+def opening_groups(texts: Sequence[str], openings: Sequence[str]) -> Tensor:
+    """For each text, the index of the opening it continues (the longest opening that is a prefix): [n_texts]
+    long. Texts that share an opening are near-copies at the start, so they must sit on one side of a split."""
+    out = []
+    for text in texts:
+        hits = [i for i, o in enumerate(openings) if text.startswith(o)]
+        if not hits:
+            raise ValueError(f"text {text[:40]!r} starts with none of the openings")
+        out.append(max(hits, key=lambda i: len(openings[i])))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def split_by_group(states: States, groups: Tensor, test_fraction: float = 0.3, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Boolean masks over positions (train, test), holding out whole groups of sequences. `groups[s]` is the
+    group of sequence s (e.g. `opening_groups`): every text of a held-out group is held out."""
+    if groups.ndim != 1 or len(groups) <= int(states.seq.max()):
+        raise ValueError(f"groups must give one id per sequence ({int(states.seq.max()) + 1}), got {tuple(groups.shape)}")
+    ids = groups.unique()
+    gen = torch.Generator().manual_seed(seed)
+    shuffled = ids[torch.randperm(len(ids), generator=gen)]
+    n_test = max(1, int(round(test_fraction * len(ids))))
+    test = torch.isin(groups[states.seq], shuffled[:n_test])
+    return ~test, test
+
+
 # ---------------------------------------------------------------------------------------------
 # linear maps
+RIDGE_ALPHAS: tuple[float, ...] = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _ridge_solutions(X: Tensor, Y: Tensor, alphas: Sequence[float]) -> Iterator[tuple[Tensor, Tensor]]:
+    """(W, b) in float64 for each relative ridge penalty, from one eigendecomposition of the centred X'X."""
+    X64, Y64 = X.double(), Y.double()
+    mx, my = X64.mean(0), Y64.mean(0)
+    Xc = X64 - mx
+    evals, V = torch.linalg.eigh(Xc.T @ Xc)
+    proj = V.T @ (Xc.T @ (Y64 - my))                                      # [d_in, d_out]
+    scale = evals.clamp_min(0).mean().clamp_min(1e-12)
+    for alpha in alphas:
+        W = V @ (proj / (evals.clamp_min(0) + alpha * scale)[:, None])
+        yield W, my - mx @ W
+
+
+def fit_affine_cv(X: Tensor, Y: Tensor, val: Tensor, alphas: Sequence[float] = RIDGE_ALPHAS,
+                  n_blocks: int = 1) -> tuple[Tensor, Tensor, list[float]]:
+    """Ridge regression whose penalty is chosen on a validation split: fit on rows ~val for each alpha (relative,
+    as in `fit_affine`), keep the alpha with the lowest validation mean squared error, separately for each of
+    `n_blocks` equal column blocks of Y (e.g. several targets N side by side), then refit on every row.
+    Returns (W [d_in, d_out], b [d_out], the chosen alpha per block)."""
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0] or val.shape != (X.shape[0],):
+        raise ValueError(f"need X [n, d_in], Y [n, d_out], val [n] bool; got {tuple(X.shape)}, {tuple(Y.shape)}, "
+                         f"{tuple(val.shape)}")
+    if Y.shape[1] % n_blocks or not alphas or min(alphas) < 0:
+        raise ValueError("Y's columns must split into n_blocks equal blocks, and alphas must be >= 0")
+    if val.all() or not val.any():
+        raise ValueError("val must mark some rows, not all")
+    d = Y.shape[1] // n_blocks
+    errors = torch.stack([((X[val].double() @ W + b - Y[val].double()) ** 2).reshape(-1, n_blocks, d).mean((0, 2))
+                          for W, b in _ridge_solutions(X[~val], Y[~val], alphas)])       # [alpha, block]
+    chosen = [float(alphas[i]) for i in errors.argmin(0).tolist()]
+    fits = {a: wb for a, wb in zip(sorted(set(chosen)), _ridge_solutions(X, Y, sorted(set(chosen))))}
+    W = torch.cat([fits[a][0][:, k * d:(k + 1) * d] for k, a in enumerate(chosen)], dim=1)
+    b = torch.cat([fits[a][1][k * d:(k + 1) * d] for k, a in enumerate(chosen)])
+    return W.to(X.dtype), b.to(X.dtype), chosen
+
+
 def fit_affine(X: Tensor, Y: Tensor, alpha: float = 1e-3, prior: str = "zero") -> tuple[Tensor, Tensor]:
     """Ridge regression Y ≈ X @ W + b in closed form; returns (W [d_in, d_out], b [d_out]).
 
@@ -217,13 +281,21 @@ def kl_to_final(model, resid: Tensor, final_logits: Tensor, chunk: int = 512) ->
     return torch.cat(out)
 
 
-def accuracy_gap(correct_a: Tensor, correct_b: Tensor) -> tuple[float, float]:
+def accuracy_gap(correct_a: Tensor, correct_b: Tensor, clusters: Sequence | Tensor | None = None) -> tuple[float, float]:
     """Mean of a minus mean of b for two 0/1 correctness vectors over the same items, and the standard error
-    of that paired difference: (gap, se)."""
+    of that paired difference: (gap, se). With `clusters` (one label per item: the query, the text or its
+    opening), the s.e. is clustered (`helpers.stats.clustered_se`): items of one cluster are not independent."""
     if correct_a.shape != correct_b.shape or correct_a.ndim != 1 or len(correct_a) < 2:
         raise ValueError("pass two 1-D correctness vectors of the same length (>= 2)")
     diff = correct_a.float() - correct_b.float()
-    return diff.mean().item(), (diff.std() / len(diff) ** 0.5).item()
+    if clusters is None:
+        return diff.mean().item(), (diff.std() / len(diff) ** 0.5).item()
+    from helpers.stats import clustered_se
+
+    labels = clusters.tolist() if isinstance(clusters, Tensor) else list(clusters)
+    if len(labels) != len(diff):
+        raise ValueError(f"{len(labels)} cluster labels for {len(diff)} items")
+    return diff.mean().item(), clustered_se(diff.numpy(), labels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,3 +137,50 @@ def test_correct_by_task_equals_one_call_per_task(model):
         FV.correct_by_task(model, tasks, {"a": vectors["a"]}, layer=12)
     with pytest.raises(ValueError, match="vectors for"):
         FV.add_to_last(model, ["Q: hot\nA:"], torch.zeros(2, model.cfg.d_model), 5)
+
+
+def test_antonyms_are_unambiguous():
+    pairs = FV.load_tasks(["antonym"])["antonym"].pairs
+    outs = [y for _, y in pairs]
+    assert len(set(outs)) == len(outs)                                   # no two words share an opposite
+
+
+def test_top_share_and_permutation_null():
+    consistent = torch.zeros(6, 4, 5)
+    consistent[:, 1, 2] = 1.0                                             # one head matters in every prompt
+    assert FV.top_share(consistent.mean(0), 1) == pytest.approx(1.0)
+    null = FV.head_permutation_null(consistent, k=1, n_perm=50, seed=0)
+    assert null.shape == (50,) and null.max() < 1.0                      # shuffled: the mass spreads over heads
+    assert FV.top_share(torch.full((2, 2), -1.0), 1) == 0.0
+
+
+def test_depth_null_and_reliability():
+    depth = FV.random_depth_null(30, 9, 10, n_draws=500, seed=0)
+    assert depth.shape == (500,) and 0.4 < depth.mean() < 0.56
+    gen = torch.Generator().manual_seed(0)
+    signal = torch.randn(1, 5, 6, generator=gen)
+    assert FV.split_half_reliability(signal + 0.01 * torch.randn(8, 5, 6, generator=gen)) > 0.9
+    assert abs(FV.split_half_reliability(torch.randn(8, 5, 6, generator=gen))) < 0.3
+
+
+def test_norm_matched_random_and_decoding(model):
+    v = torch.randn(model.cfg.d_model) * 3
+    r = FV.norm_matched_random(v, seed=1)
+    assert r.norm().item() == pytest.approx(v.norm().item(), rel=1e-5) and torch.cosine_similarity(r, v, 0).abs() < 0.3
+    final = I.residual_stream(model, "The Eiffel Tower is located in the city of", pos=-1)[-1, 0]   # after the last block
+    top = I.logits(model, "The Eiffel Tower is located in the city of")[0].argmax().item()
+    assert FV.decode_top_tokens(model, final, k=3)[0] == model.tokenizer.decode([top])
+
+
+def test_whole_answer_scoring(model):
+    prompt = FV.Prompt("The Eiffel Tower is located in the city of", "x", " Paris")
+    wrong = FV.Prompt("The Eiffel Tower is located in the city of", "x", " Paris Texas Ranger")
+    hits = FV.whole_answer_correct(model, [prompt, wrong])
+    assert hits.tolist() == [FV.correct(model, [prompt])[0].item(), False]
+
+
+def test_resid_hooks_keep_the_last_position(model):
+    hooks, store = FV.resid_hooks(model)
+    FV.last_token_logits(model, ["Q: hot\nA:", "Q: a longer prompt\nA:"], fwd_hooks=hooks)
+    resid = I.residual_stream(model, ["Q: hot\nA:", "Q: a longer prompt\nA:"], pos=-1)   # [L+1, batch, d]
+    assert torch.allclose(torch.cat(store[5]), resid[5].float().cpu(), atol=1e-4)

@@ -99,3 +99,53 @@ def test_soft_prompt_gets_gradients_and_learns(model):
     prefix, losses = L.train_soft_prompt(model, src, tgt, layer=8, n_prefix=2, steps=6, lr=0.05, batch_size=8)
     assert prefix.shape == (2, model.cfg.d_model) and losses[-1] < losses[0]
     assert [p.requires_grad for p in model.parameters()] == before               # the model's flags are restored
+
+
+def test_opening_groups_and_group_split():
+    texts = ["Once upon a time x", "Once upon a time y", "The cat sat", "Once upon z", "The cat ran"]
+    groups = L.opening_groups(texts, ["Once upon", "Once upon a time", "The cat"])
+    assert groups.tolist() == [1, 1, 2, 0, 2]                            # the longest matching opening
+    with pytest.raises(ValueError):
+        L.opening_groups(["Nothing"], ["Once"])
+    seq = torch.tensor([0, 0, 1, 2, 3, 4, 4])
+    states = L.States(torch.zeros(2, 7, 3), torch.zeros(7, dtype=torch.long), torch.arange(7), seq, seq + 1)
+    for seed in range(5):
+        train, test = L.split_by_group(states, groups, 0.34, seed=seed)
+        assert (train ^ test).all()
+        assert not set(groups[seq[train]].tolist()) & set(groups[seq[test]].tolist())   # no opening on both sides
+
+
+def test_fit_affine_cv_picks_the_penalty_on_validation():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 8, generator=gen)
+    val = torch.arange(400) % 4 == 0
+    Y = torch.cat([X @ torch.randn(8, 8, generator=gen), torch.randn(400, 8, generator=gen)], dim=1)
+    W, b, chosen = L.fit_affine_cv(X, Y, val, alphas=(1e-6, 1e-2, 10.0, 1e4), n_blocks=2)
+    assert chosen[0] < 1e-1 and chosen[1] >= 10.0            # exact map: no shrinkage; pure noise: shrink
+    assert W.shape == (8, 16) and b.shape == (16,)
+    assert torch.allclose(W[:, :8], L.fit_affine(X, Y[:, :8], alpha=chosen[0])[0], atol=1e-4)
+    W_id, _, _ = L.fit_affine_cv(X, X, val)                   # the identity is recovered (the logit lens)
+    assert torch.allclose(W_id, torch.eye(8), atol=1e-3)
+
+
+def test_accuracy_gap_clustered_is_wider_for_copies():
+    a, b = torch.tensor([1, 0, 1, 1, 0, 1]), torch.tensor([0, 0, 0, 1, 0, 0])
+    _, se = L.accuracy_gap(a, b)
+    _, se_c = L.accuracy_gap(a.repeat(2), b.repeat(2), clusters=list(range(6)) * 2)
+    _, se_naive = L.accuracy_gap(a.repeat(2), b.repeat(2))
+    assert se_c > se_naive and se_c == pytest.approx(se, rel=0.25)
+
+
+def test_train_kl_lowers_the_kl(model):
+    states = _states(model)
+    lens = L.TunedLens.identity(model.cfg.n_layers, model.cfg.d_model)
+    losses = lens.train_kl(model, states.resid, steps=8, lr=1e-3, batch_size=4, seed=0, layers=[6, 12])
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert torch.equal(lens.W[0], torch.eye(model.cfg.d_model))             # layers not listed stay untouched
+
+
+def test_generate_texts_is_seeded_and_continues_the_opening(model):
+    openings = ["The recipe calls for", "My favourite book is"]
+    a = L.generate_texts(model, openings, n_new_tokens=5, seed=3)
+    assert a == L.generate_texts(model, openings, n_new_tokens=5, seed=3)
+    assert all(t.startswith(o) and len(t) > len(o) for t, o in zip(a, openings))
