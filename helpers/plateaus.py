@@ -114,13 +114,39 @@ def activations_at(model, prompts: Sequence[str] | Tensor, layer: int | Sequence
     for start in range(0, tokens.shape[0], batch_size):
         chunk = tokens[start:start + batch_size]
         mask = I.attention_mask(model, chunk).bool()
-        _, cache = I.run_with_cache(model, chunk, names)
+        cache = _run_until(model, chunk, names, max(layers))
         acts = torch.stack([cache[n] for n in names])  # [layers, batch, pos, d]
         first = mask.float().argmax(1)  # the BOS of each left-padded row
         for b in range(chunk.shape[0]):
             rows.append(acts[:, b, first[b] + 1:][:, mask[b, first[b] + 1:]])
     out = torch.cat(rows, dim=1)
     return out if several else out[0]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the deepest layer wanted has been read."""
+
+
+@torch.no_grad()
+def _run_until(model, tokens: Tensor, names: list[str], deepest: int) -> dict[str, Tensor]:
+    """The residual streams `names` of a left-padded batch, running the blocks only up to layer `deepest`
+    (the rest of the model is skipped: the same values at a fraction of the cost)."""
+    store: dict[str, Tensor] = {}
+    stop_at = I.resid_name(model, deepest)
+
+    def keeper(name: str):
+        def keep(act: Tensor, hook: Any = None) -> None:
+            store[name] = act.detach().clone()
+            if name == stop_at and deepest < I.n_layers(model):
+                raise _Stop
+        return keep
+
+    try:
+        with model.hooks(fwd_hooks=[(n, keeper(n)) for n in names]):
+            model(tokens, attention_mask=I.attention_mask(model, tokens))
+    except _Stop:
+        pass
+    return store
 
 
 @torch.no_grad()
@@ -153,6 +179,46 @@ def fit_gaussian(samples: Tensor, shrinkage: bool = True) -> tuple[Tensor, Tenso
     else:
         cov = np.cov(x, rowvar=False)
     return torch.as_tensor(x.mean(0), dtype=samples.dtype), torch.as_tensor(cov, dtype=samples.dtype)
+
+
+@_one_thread
+def ledoit_wolf_shrinkage(samples: Tensor) -> float:
+    """The Ledoit-Wolf shrinkage intensity of samples [n, d]: the weight (0..1) that `fit_gaussian` puts on
+    an isotropic target (mean variance x identity) instead of the sample covariance."""
+    if samples.ndim != 2 or samples.shape[0] < 2:
+        raise ValueError(f"samples must be [n >= 2, d], got {tuple(samples.shape)}")
+    from sklearn.covariance import ledoit_wolf_shrinkage as lw
+
+    x = samples.double().cpu().numpy()
+    return float(lw(x - x.mean(0), assume_centered=True))
+
+
+def effective_rank(cov: Tensor) -> dict[str, float]:
+    """Two effective ranks of a covariance [d, d]: the participation ratio (sum λ)^2 / sum λ^2 and the
+    entropy rank exp(H(λ / sum λ)) (Roy & Vetterli 2007). Both are d for an isotropic covariance, 1 for rank 1."""
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"cov must be square [d, d], got {tuple(cov.shape)}")
+    ev = torch.linalg.eigvalsh(cov.double()).clamp_min(0)
+    if ev.sum() <= 0:
+        raise ValueError("cov has no positive eigenvalue")
+    p = ev / ev.sum()
+    nz = p[p > 0]
+    return {"participation ratio": float(ev.sum() ** 2 / (ev ** 2).sum()),
+            "entropy rank": float(torch.exp(-(nz * nz.log()).sum()))}
+
+
+def mixture_directions(points: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """n unit directions [n, d] between two distinct rows of points [m >= 2, d], unit(X_i - X_j) with i != j
+    drawn at random: the "mixture" directions of Lee & Heimersheim (2024), A2 - A3 between two real
+    activations or S1 - S2 between two synthetic ones; unlike A2 - A, they carry no -A component."""
+    if points.ndim != 2 or points.shape[0] < 2:
+        raise ValueError(f"points must be [m >= 2, d], got {tuple(points.shape)}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    m = points.shape[0]
+    i = torch.randint(m, (n,), generator=generator)
+    j = (i + torch.randint(1, m, (n,), generator=generator)) % m  # never equal to i
+    return unit(points[i] - points[j])
 
 
 def drop_outliers(samples: Tensor, factor: float = 3.0) -> Tensor:
@@ -468,6 +534,56 @@ def interpolate(model, prompt_a: str | Tensor, prompt_b: str | Tensor, layer: in
                                          batch_size=batch_size, method=method)
     logits = logits.reshape(len(layers), len(alphas), -1)
     finals = finals.reshape(len(layers), len(alphas), -1)
+    if not several:
+        logits, finals = logits[0], finals[0]
+    return {"logits": logits, "final": finals, "alphas": alphas}
+
+
+@torch.no_grad()
+def interpolate_prompts(model, prompt_a: str | Sequence[str], prompt_b: str | Sequence[str], layer: int,
+                        alphas: Sequence[float] | Tensor, batch_size: int = 128) -> dict[str, Tensor]:
+    """Walk the residual stream entering `layer` at *every* position after BOS in a straight line from
+    prompt_a's (alpha=0) to prompt_b's (alpha=1). The two prompts need the same number of tokens and may
+    differ anywhere after BOS (e.g. one word in the middle), so both endpoints are real runs and the points in
+    between are inputs no prompt produces. Returns the last position's logits [n_alpha, vocab] and final
+    residual stream [n_alpha, d_model], and the alphas. With lists of prompts (pairs a[i], b[i], all of one
+    length) every path runs in the same batches and the outputs get a leading [n_pairs] dimension."""
+    several = not isinstance(prompt_a, (str, Tensor))
+    a_list, b_list = (list(prompt_a), list(prompt_b)) if several else ([prompt_a], [prompt_b])
+    if len(a_list) != len(b_list) or not a_list:
+        raise ValueError(f"need as many prompts b as prompts a (and at least one), got {len(a_list)} and {len(b_list)}")
+    toks = [_check_prompt(model, p) for p in a_list + b_list]
+    if len({t.shape[1] for t in toks}) != 1:
+        raise ValueError("the two prompts must have the same number of tokens (with lists: every prompt), got "
+                         f"{sorted({t.shape[1] for t in toks})}")
+    ta, tb = torch.cat(toks[:len(a_list)]), torch.cat(toks[len(a_list):])
+    layer = I.check_layer(model, int(layer), allow_final=True)
+    alphas = torch.as_tensor(np.asarray(alphas, dtype=np.float32))
+    if alphas.ndim != 1 or len(alphas) < 2:
+        raise ValueError("alphas must be a 1-D sequence of at least two values")
+    name = I.resid_name(model, layer)
+    ends = _run_until(model, torch.cat([ta, tb]), [name], layer)[name][:, 1:]  # [2 n_pairs, pos - 1, d]
+    a = alphas.to(ends.dtype)[None, :, None, None]
+    path = ((1 - a) * ends[:len(ta), None] + a * ends[len(ta):, None]).flatten(0, 1)  # [n_pairs n_alpha, pos - 1, d]
+    tokens = ta.repeat_interleave(len(alphas), dim=0)
+    logits, finals = [], []
+    for start in range(0, len(path), batch_size):
+        chunk = path[start:start + batch_size]
+        store: dict[str, Tensor] = {}
+
+        def write(act: Tensor, hook: Any = None, chunk: Tensor = chunk) -> Tensor:
+            act[:, 1:] = chunk.to(act.device, act.dtype)
+            return act
+
+        def keep(act: Tensor, hook: Any = None) -> None:
+            store["final"] = act[:, -1].detach().clone()
+
+        out = model.run_with_hooks(tokens[start:start + batch_size],
+                                   fwd_hooks=[(name, write), (_final_hook_name(model), keep)])
+        logits.append(out[:, -1].float())
+        finals.append(store["final"].float())
+    logits = torch.cat(logits).reshape(len(ta), len(alphas), -1)
+    finals = torch.cat(finals).reshape(len(ta), len(alphas), -1)
     if not several:
         logits, finals = logits[0], finals[0]
     return {"logits": logits, "final": finals, "alphas": alphas}

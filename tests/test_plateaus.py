@@ -165,3 +165,55 @@ def test_kmeans_by_silhouette_and_probe():
     logits = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0]])
     feats, ids = P.output_features(logits, top_k=1)
     assert ids == [0, 1] and feats.shape == (2, 2)
+
+
+def test_activations_at_stops_early_with_the_same_values(model):
+    prompts = [EIFFEL, "I love"]
+    acts = P.activations_at(model, prompts, [2, 5], pos=None)  # runs blocks 0-4 only
+    full = I.residual_stream(model, prompts, layers=[2, 5], pos=None)  # [layers, batch, pos, d], whole model
+    mask = I.attention_mask(model, I.to_tokens(model, prompts)).bool()
+    first = mask.float().argmax(1)
+    ref = torch.cat([full[:, b, first[b] + 1:] for b in range(2)], dim=1)
+    assert acts.shape == ref.shape and torch.allclose(acts, ref, atol=1e-4)
+    assert torch.allclose(P.activations_at(model, prompts, model.cfg.n_layers, pos=None)[-1],
+                          I.residual_stream(model, prompts, layers=[model.cfg.n_layers])[0, 1], atol=1e-3)
+
+
+def test_shrinkage_effective_rank_and_mixture_directions():
+    from sklearn.covariance import LedoitWolf
+
+    g = torch.Generator().manual_seed(0)
+    few = torch.randn(20, 50, generator=g)  # isotropic and few samples: shrink a lot
+    many = torch.randn(5000, 5, generator=g) * torch.tensor([10.0, 1, 1, 1, 1])  # anisotropic, many samples
+    assert P.ledoit_wolf_shrinkage(few) > 0.5 and P.ledoit_wolf_shrinkage(many) < 0.05
+    assert P.ledoit_wolf_shrinkage(many) == pytest.approx(LedoitWolf().fit(many.double().numpy()).shrinkage_, abs=1e-9)
+    iso = P.effective_rank(torch.eye(6))
+    assert iso["participation ratio"] == pytest.approx(6) and iso["entropy rank"] == pytest.approx(6)
+    v = torch.tensor([1.0, 2.0, 0.0])
+    one = P.effective_rank(torch.outer(v, v))
+    assert one["participation ratio"] == pytest.approx(1) and one["entropy rank"] == pytest.approx(1)
+    points = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 2, 0]])
+    dirs = P.mixture_directions(points, 200, g)
+    assert torch.allclose(dirs.norm(dim=-1), torch.ones(200))
+    assert torch.all(dirs[:, 2] == 0)  # differences of the points only: never leaves their span
+    diffs = {tuple(np.round(d, 4)) for d in dirs.numpy().tolist()}
+    assert len(diffs) == 6  # every ordered pair i != j turns up, never i == j (a zero vector)
+    with pytest.raises(ValueError):
+        P.mixture_directions(points[:1], 3)
+
+
+def test_interpolating_every_position_between_two_prompts(model):
+    a, b = "Anna is from France, so she speaks", "Anna is from Spain, so she speaks"
+    assert I.to_tokens(model, a).shape == I.to_tokens(model, b).shape
+    path = P.interpolate_prompts(model, a, b, 1, [0.0, 0.5, 1.0], batch_size=2)
+    ref = I.logits(model, [a, b])
+    assert path["logits"].shape[0] == 3 and path["final"].shape == (3, model.cfg.d_model)
+    assert torch.allclose(path["logits"][0], ref[0], atol=1e-3) and torch.allclose(path["logits"][-1], ref[1], atol=1e-3)
+    assert not torch.allclose(path["logits"][1], ref[0], atol=1e-2)
+    c = "Anna is from Japan, so she speaks"
+    both = P.interpolate_prompts(model, [a, c], [b, b], 1, [0.0, 0.5, 1.0], batch_size=4)  # two pairs, one batch run
+    assert both["final"].shape == (2, 3, model.cfg.d_model)
+    assert torch.allclose(both["logits"][0], path["logits"], atol=1e-3)
+    assert torch.allclose(both["logits"][1, 0], I.logits(model, c)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        P.interpolate_prompts(model, EIFFEL, "I love", 1, [0.0, 1.0])
