@@ -166,10 +166,11 @@ def loss_split(model: torch.nn.Module, x: Tensor, importance: Tensor | None = No
 
 
 def cluster_test(values: Any, centres: Sequence[float] = tuple(POLYTOPE_FRACTIONS.values()),
-                 width: float = 0.01, background: float = 0.05) -> dict[str, np.ndarray]:
+                 width: float = 0.01, background: float = 0.05, exclude: Sequence[float] = ()) -> dict[str, np.ndarray]:
     """Is there a cluster of `values` at each centre? Compares the count within ±width of c with the count
     expected there from the local background: the density in the flanks width < |v - c| <= background,
-    leaving out of the flanks the ±width windows of the other centres (3/8 and 2/5 are only 0.025 apart).
+    leaving out of the flanks the ±width windows of the other centres (3/8 and 2/5 are only 0.025 apart) and
+    of the `exclude` values (centres not tested here, e.g. the real fractions when testing a placebo).
 
     Returns arrays over centres: "count" (values within ±width), "expected" (from the flanks; an empty flank
     counts as half a value), "enrichment" (count / expected: >> 1 a peak, ~1 flat, 0 a gap; nan when nothing
@@ -182,7 +183,7 @@ def cluster_test(values: Any, centres: Sequence[float] = tuple(POLYTOPE_FRACTION
         raise ValueError(f"need 0 < width < background, got width={width}, background={background}")
     count, expected = [], []
     for k, c in enumerate(centres):
-        others = np.delete(centres, k)
+        others = np.concatenate([np.delete(centres, k), np.asarray(list(exclude), dtype=float)])
 
         def in_flank(x: np.ndarray) -> np.ndarray:
             d = np.abs(x - c)
@@ -326,3 +327,83 @@ def geometry_explorer(W: Any, densities: Sequence[float], decays: Sequence[float
 
     out = widgets.interactive_output(draw, {"i": sparsity, "j": decay})
     return widgets.VBox([sparsity, decay, out])
+
+
+# --- polytopes checked directly, placebo fractions, plateaus (issue 14) -----------------------------------
+
+# (features, rank) of each uniform polytope: D_i = rank / features for every feature in it.
+POLYTOPES: dict[str, tuple[int, int]] = {
+    "dedicated (1)": (1, 1), "tetrahedron (3/4)": (4, 3), "triangle (2/3)": (3, 2), "digon (1/2)": (2, 1),
+    "pentagon (2/5)": (5, 2), "square antiprism (3/8)": (8, 3),
+}
+# Fractions no uniform polytope gives, between the real ones: a D_i "cluster" there means the test is fooled.
+PLACEBO_FRACTIONS: dict[str, float] = {"placebo 0.33": 0.33, "placebo 0.36": 0.36, "placebo 0.42": 0.42,
+                                       "placebo 0.45": 0.45}
+
+
+def component_shapes(W: Any, threshold: float = 0.5, cos_threshold: float = 0.2,
+                     rank_tol: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Group the represented features (||W_i|| > threshold) of each model into connected components of the
+    graph |cos(W_i, W_j)| > cos_threshold, and give each feature its component's size and rank (singular
+    values above rank_tol × the largest). A digon is (2, 1), a triangle (3, 2), a pentagon (5, 2), a
+    tetrahedron (4, 3) (`POLYTOPES`). Returns (size, rank), int arrays [.., feature], 0 for features left out."""
+    W, single = _as_W(W)
+    sizes, ranks = np.zeros(W.shape[::2], int), np.zeros(W.shape[::2], int)
+    for k, w in enumerate(W):
+        idx = np.nonzero((w.norm(dim=0) > threshold).numpy())[0]
+        U = _unit(w[:, idx]).numpy()
+        adj = np.abs(U.T @ U) > cos_threshold
+        label = -np.ones(len(idx), int)
+        for start in range(len(idx)):
+            if label[start] >= 0:
+                continue
+            label[start], stack = start, [start]
+            while stack:
+                for q in np.nonzero(adj[stack.pop()] & (label < 0))[0]:
+                    label[q] = start
+                    stack.append(q)
+        for c in np.unique(label):
+            members = idx[label == c]
+            s = np.linalg.svd(w[:, members].numpy(), compute_uv=False)
+            sizes[k, members], ranks[k, members] = len(members), int((s > rank_tol * s[0]).sum())
+    return (sizes[0], ranks[0]) if single else (sizes, ranks)
+
+
+def window_counts(values: Any, centres: Sequence[float], width: float = 0.01, mask: Any = None) -> np.ndarray:
+    """How many values of each row (a setting) lie within ±width of each centre: [centre, row]. values:
+    [row, item]; mask: the same shape, True for items to count (e.g. represented features)."""
+    v = np.asarray(values, dtype=float)
+    keep = np.ones(v.shape, bool) if mask is None else np.asarray(mask, bool)
+    return np.stack([((np.abs(v - c) <= width) & keep).sum(1) for c in centres])
+
+
+def cluster_test_leave_one_out(values: Any, mask: Any, centres: Sequence[float], width: float = 0.01,
+                               background: float = 0.05, exclude: Sequence[float] = ()) -> dict[str, np.ndarray]:
+    """`cluster_test` on the values pooled over rows, once with every row and once without the row that puts
+    the most values in each centre's window (a "cluster" made by one setting fails the second). Returns
+    the pooled test's arrays plus "p_value_loo", "top_row" and "rows_contributing", over centres.
+    `exclude`: as in `cluster_test`."""
+    v, keep = np.asarray(values, dtype=float), np.asarray(mask, bool)
+    centres = list(centres)
+    out = cluster_test(v[keep], centres, width, background, exclude)
+    counts = window_counts(v, centres, width, keep)
+    top = counts.argmax(1)
+    p_loo = [cluster_test(np.delete(v, t, 0)[np.delete(keep, t, 0)], centres, width, background, exclude)["p_value"][k]
+             for k, t in enumerate(top)]
+    return {**out, "p_value_loo": np.array(p_loo), "top_row": top, "rows_contributing": (counts > 0).sum(1)}
+
+
+def smooth_band_count(log_x: Any, y: Any, level: float, half_width: float, floor: float) -> tuple[float, np.ndarray]:
+    """How many grid points a smoothly falling curve would put within ±half_width of `level`: fit
+    y = floor + (1 - floor) / (1 + exp((log_x - c) / w)) (a logistic step in log x, no plateau) by least
+    squares and count the grid points whose fitted value lies in the band. Returns (count, fitted curve)."""
+    from scipy.optimize import curve_fit
+
+    lx, yy = np.asarray(log_x, dtype=float), np.asarray(y, dtype=float)
+
+    def f(t: np.ndarray, c: float, w: float) -> np.ndarray:
+        return floor + (1 - floor) / (1 + np.exp((t - c) / w))
+
+    (c, w), _ = curve_fit(f, lx, yy, p0=(np.median(lx), 0.5), bounds=([lx.min(), 1e-3], [lx.max(), 10.0]))
+    fit = f(lx, c, w)
+    return float((np.abs(fit - level) <= half_width).sum()), fit

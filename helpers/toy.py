@@ -255,3 +255,16 @@ def best_of_seeds(loss: np.ndarray | Tensor, n_seeds: int) -> np.ndarray:
         raise ValueError(f"loss must be 1-D with a length divisible by n_seeds={n_seeds}; got shape {loss.shape}")
     groups = loss.reshape(-1, n_seeds)
     return np.arange(groups.shape[0]) * n_seeds + groups.argmin(axis=1)
+
+
+def tail_change(history: np.ndarray, frac: float = 0.1) -> np.ndarray:
+    """Convergence of a `fit` loss history [n_logs, instance]: (mean loss over the last `frac` of the logs) /
+    (mean over the `frac` before them) - 1, per instance. Near 0: flat at the end; clearly < 0: still falling.
+    (Under a cosine schedule the lr goes to 0, so a flat end is necessary, not sufficient, for convergence.)"""
+    h = np.asarray(history, dtype=float)
+    if h.ndim != 2 or not 0 < frac <= 0.5:
+        raise ValueError("history must be [n_logs, instance] and frac in (0, 0.5]")
+    k = max(1, int(round(frac * h.shape[0])))
+    if 2 * k > h.shape[0]:
+        raise ValueError(f"need at least {2 * k} logged steps, got {h.shape[0]}")
+    return h[-k:].mean(0) / np.maximum(h[-2 * k:-k].mean(0), 1e-30) - 1

@@ -210,3 +210,69 @@ def test_instance_loss_reads_1d_importance_per_feature():
     with torch.no_grad():
         manual = ((model.forward_instances(x) - x) ** 2)[:, :, 0].mean(1) / 3
     assert torch.allclose(toy.instance_loss(model, x, imp), manual, atol=1e-7)
+
+
+# --- issue 14: polytopes checked directly, placebo fractions, leave-one-setting-out, smooth plateau null ----
+
+def _block_diag(*blocks: torch.Tensor) -> torch.Tensor:
+    """Place [hidden_k, feature_k] blocks in orthogonal subspaces: [Σ hidden, Σ feature]."""
+    return torch.block_diag(*blocks)
+
+
+def test_component_shapes_name_the_polytopes():
+    digon = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    tetra = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64).T / math.sqrt(3)
+    W = torch.cat([_block_diag(digon, polygon(3), polygon(5), tetra, torch.ones(1, 1, dtype=torch.float64)),
+                   torch.zeros(9, 1, dtype=torch.float64)], dim=1)          # + one feature left out
+    size, rank = sp.component_shapes(W)
+    got = list(zip(size.tolist(), rank.tolist()))
+    assert got[:2] == [sp.POLYTOPES["digon (1/2)"]] * 2
+    assert got[2:5] == [sp.POLYTOPES["triangle (2/3)"]] * 3
+    assert got[5:10] == [sp.POLYTOPES["pentagon (2/5)"]] * 5
+    assert got[10:14] == [sp.POLYTOPES["tetrahedron (3/4)"]] * 4
+    assert got[14] == sp.POLYTOPES["dedicated (1)"] and got[15] == (0, 0)
+    # each polytope's (features, rank) gives its fraction
+    for name, (k, r) in sp.POLYTOPES.items():
+        assert r / k == pytest.approx(sp.POLYTOPE_FRACTIONS[name])
+    # batched input: one result row per instance
+    s2, r2 = sp.component_shapes(torch.stack([W, W]))
+    assert s2.shape == (2, W.shape[1]) and (s2[1] == size).all() and (r2[0] == rank).all()
+
+
+def test_window_counts_per_row():
+    v = np.array([[0.5, 0.505, 0.4], [0.2, 0.5, 0.9]])
+    counts = sp.window_counts(v, [0.5, 0.4], width=0.01, mask=np.array([[True, True, True], [True, False, True]]))
+    assert counts.tolist() == [[2, 0], [1, 0]]
+
+
+def test_leave_one_out_rejects_a_cluster_made_by_one_setting():
+    rng = np.random.default_rng(0)
+    flat = rng.uniform(0.3, 0.7, size=(10, 40))                          # ten settings, no cluster anywhere
+    comb = flat.copy()
+    comb[3, :30] = 0.45 + rng.uniform(-0.003, 0.003, 30)                  # one setting piles up at 0.45
+    mask = np.ones(flat.shape, bool)
+    one = sp.cluster_test_leave_one_out(comb, mask, [0.45])
+    assert one["p_value"][0] < 1e-3 and one["p_value_loo"][0] > 0.05 and one["top_row"][0] == 3
+    spread = flat.copy()
+    spread[:, :6] = 0.45 + rng.uniform(-0.003, 0.003, (10, 6))           # every setting contributes
+    many = sp.cluster_test_leave_one_out(spread, mask, [0.45])
+    assert many["p_value_loo"][0] < 1e-3 and many["rows_contributing"][0] == 10
+
+
+def test_cluster_test_exclude_keeps_other_peaks_out_of_the_flanks():
+    rng = np.random.default_rng(1)
+    v = np.concatenate([rng.uniform(0.3, 0.6, 300), np.full(200, 0.40)])   # a real peak at 0.40
+    plain = sp.cluster_test(v, [0.42])                                     # the 0.40 peak sits in 0.42's flank
+    excl = sp.cluster_test(v, [0.42], exclude=[0.40])
+    assert excl["expected"][0] < plain["expected"][0]
+
+
+def test_smooth_band_count_separates_a_plateau_from_a_smooth_fall():
+    lx = np.linspace(0, 4, 41)
+    smooth = 0.1 + 0.9 / (1 + np.exp((lx - 2) / 0.6))
+    n_smooth, fit = sp.smooth_band_count(lx, smooth, 0.5, 0.04, 0.1)
+    assert np.allclose(fit, smooth, atol=1e-3)
+    assert n_smooth == (np.abs(smooth - 0.5) <= 0.04).sum()               # a smooth curve meets its own null
+    plateau = np.where((lx > 1.2) & (lx < 2.8), 0.5, smooth)               # the same curve, stuck at 1/2
+    n_null, _ = sp.smooth_band_count(lx, plateau, 0.5, 0.04, 0.1)
+    assert (np.abs(plateau - 0.5) <= 0.04).sum() >= 2 * n_null

@@ -41,3 +41,20 @@ def test_bad_arguments():
         toy.ToyModel(1, 2, 1, nonlinearity="gelu")
     with pytest.raises(ValueError):
         toy.train(toy.ToyModel(1, 2, 1), lambda b: None, lambda m, x: None, steps=0)
+
+
+def test_tail_change_flat_and_falling():
+    flat = np.ones((50, 2))
+    falling = np.linspace(2.0, 1.0, 50)[:, None] * np.ones((1, 2))
+    assert np.allclose(toy.tail_change(flat), 0.0)
+    assert (toy.tail_change(falling) < -0.05).all()
+    with pytest.raises(ValueError):
+        toy.tail_change(np.ones((1, 2)))
+
+
+def test_fit_history_has_one_row_per_log_and_falls():
+    torch.manual_seed(0)
+    model = toy.ToyModel(2, 5, 2)
+    hist = toy.fit(model, 0.3, None, steps=300, batch_size=256, lr=1e-2, log_every=50, progress=False)
+    assert hist.shape == (7, 2)                       # steps 0, 50, ..., 250 and the last one
+    assert (hist[-1] < hist[0]).all()
