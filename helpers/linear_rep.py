@@ -100,6 +100,18 @@ def random_pair_differences(vectors: Tensor, n: int, candidates: Sequence[int] |
     return vectors[a] - vectors[b]
 
 
+def disjoint_bases(base_a: Sequence[int], base_b: Sequence[int], seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of the pairs of two concepts to keep so that no base token is used by both: each shared base
+    token goes (alternately, in a seeded random order) to one concept only. Returns (keep_a, keep_b)."""
+    shared = sorted(set(base_a) & set(base_b))
+    order = np.random.default_rng(seed).permutation(len(shared))
+    to_a = {shared[i] for i in order[0::2]}
+    to_b = {shared[i] for i in order[1::2]}
+    keep_a = [i for i, b in enumerate(base_a) if b not in to_b]
+    keep_b = [i for i, b in enumerate(base_b) if b not in to_a]
+    return keep_a, keep_b
+
+
 @dataclass
 class CausalInnerProduct:
     """<x, y>_C = x^T Cov(gamma)^-1 y, estimated from the unembedding vectors (Park et al. 2023, sec. 3).
@@ -143,7 +155,7 @@ def causal_inner_product(gamma: Tensor, eps: float = 0.0) -> CausalInnerProduct:
     evals, evecs = torch.linalg.eigh(cov)
     if eps:
         evals = evals + eps * evals.mean()
-    if evals.min() <= 0:
+    if evals.min() <= 1e-10 * evals.max():  # rounding leaves a singular matrix's zero eigenvalues at ~±1e-17
         raise ValueError("Cov(gamma) is singular: pass eps > 0")
     inv_sqrt = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
     sqrt = evecs @ torch.diag(evals.sqrt()) @ evecs.T
@@ -227,8 +239,9 @@ def heldout_r2(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y_t
 
 def crossval_r2(levels: np.ndarray, Y: np.ndarray | Tensor, interactions: bool = False,
                 factors: Sequence[int] | None = None, n_splits: int = 5, seed: int = 0,
-                alpha: float = 1e-3) -> float:
-    """Mean held-out R^2 over `n_splits` folds of combinations (KFold, shuffled with `seed`).
+                alpha: float = 1e-3, per_fold: bool = False) -> float | list[float]:
+    """Mean held-out R^2 over `n_splits` folds of combinations (KFold, shuffled with `seed`); the list of
+    the folds' scores with `per_fold` (the same folds for the same `seed` and number of rows: pair them).
 
     `factors` restricts the model to some factors (e.g. [2]: the last word alone)."""
     from sklearn.model_selection import KFold
@@ -241,7 +254,7 @@ def crossval_r2(levels: np.ndarray, Y: np.ndarray | Tensor, interactions: bool =
     X = factor_design(cols, interactions)
     scores = [heldout_r2(X[tr], Y[tr], X[te], Y[te], alpha)
               for tr, te in KFold(n_splits, shuffle=True, random_state=seed).split(X)]
-    return float(np.mean(scores))
+    return [float(x) for x in scores] if per_fold else float(np.mean(scores))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +363,50 @@ class LinearRelation:
         return beta * (h @ self.weight.T) + self.bias
 
 
+def hidden_to_output_batch(model, prompts: Sequence[str], layer: int, positions: Sequence[int]
+                           ) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
+    """``hidden_to_output`` for several prompts at once (left-padded, with the attention mask): fn maps
+    H [b, d] (row i replaces the residual stream entering block `layer` at position positions[i] of prompt i,
+    counted as in ``subject_position``: BOS is 0) to the last-layer hidden states at the last position [b, d].
+    Rows do not interact, so d z_i / d h_j = 0 for i != j."""
+    n = I.n_layers(model)
+    layer = I.check_layer(model, layer)
+    tokens = I.to_tokens(model, list(prompts))
+    attn = I.attention_mask(model, tokens)
+    if len(positions) != tokens.shape[0]:
+        raise ValueError(f"need one position per prompt, got {len(positions)} for {tokens.shape[0]}")
+    rows = torch.arange(tokens.shape[0])
+    cols = (attn.shape[1] - attn.long().sum(1)).cpu() + torch.as_tensor(list(positions))   # skip the left padding
+    in_name, out_name = I.resid_name(model, layer), I.resid_name(model, n)
+    mask = torch.zeros(tokens.shape[0], tokens.shape[1], 1, device=tokens.device)
+    mask[rows, cols] = 1.0
+    padded = {} if bool(attn.all()) else {"attention_mask": attn}   # without padding, the plain (faster) path
+
+    def fn(H: Tensor) -> Tensor:
+        store = {}
+
+        def put(resid, hook=None):
+            return resid + mask.to(resid.dtype) * (H[:, None, :].to(resid.dtype) - resid)
+
+        def take(resid, hook=None):
+            store["z"] = resid[:, -1]
+            raise _Stop
+
+        try:
+            model.run_with_hooks(tokens, fwd_hooks=[(in_name, put), (out_name, take)], return_type=None,
+                                 **padded)
+        except _Stop:
+            pass
+        if "z" not in store:
+            raise RuntimeError(f"the hook on {out_name} never ran")
+        return store["z"]
+
+    with torch.no_grad():
+        _, cache = I.run_with_cache(model, tokens, [in_name, out_name])
+    return fn, cache[in_name][rows, cols].clone(), cache[out_name][:, -1].clone()
+
+
+
 def estimate_lre(model, template: str, subjects: Sequence[str], layer: int, apply_to: Tensor | None = None,
                  full: bool = False, beta: float = 1.0, chunk_size: int | None = 64) -> LinearRelation:
     """Estimate an LRE from a few subjects in one prompt template: W = mean_i J_i, bias = mean_i (z_i - J_i h_i),
@@ -357,41 +414,57 @@ def estimate_lre(model, template: str, subjects: Sequence[str], layer: int, appl
     last-token hidden state entering block `layer`, in ``template.format(subject_i)``.
 
     full=True forms W (d_model Jacobian-vector products per subject); otherwise only W applied to the rows of
-    `apply_to` [n, d] is computed (n + 1 products per subject): the same numbers for a fraction of the cost."""
+    `apply_to` [n, d] is computed (n + 1 products per subject): the same numbers for a fraction of the cost.
+    Subjects whose prompts have the same number of tokens are linearised together in one batch (the cost is
+    compute-bound, so batching saves the per-call overhead without padding waste)."""
     if isinstance(subjects, str) or len(subjects) == 0:
         raise ValueError("subjects must be a non-empty list of strings")
     if not full and apply_to is None:
         raise ValueError("pass apply_to (the vectors to map) or full=True")
     if apply_to is not None and (apply_to.ndim != 2 or apply_to.shape[1] != model.cfg.d_model):
         raise ValueError(f"apply_to must be [n, d_model], got shape {tuple(apply_to.shape)}")
-    hs, zs, biases, applied, weights = [], [], [], [], []
-    for subject in subjects:
-        pos = subject_position(model, template, subject)
-        fn, h, z = hidden_to_output(model, template.format(subject), layer, pos)
+    by_length: dict[int, list[int]] = {}
+    for i, subject in enumerate(subjects):
+        by_length.setdefault(I.to_tokens(model, template.format(subject)).shape[1], []).append(i)
+    groups = list(by_length.values())
+    hs, zs, jhs, applied, weights = [], [], [], [], []
+    for group in groups:
+        names = [subjects[i] for i in group]
+        pos = [subject_position(model, template, s) for s in names]
+        fn, H, Z = hidden_to_output_batch(model, [template.format(s) for s in names], layer, pos)
         with torch.no_grad():  # forward-mode AD still runs; no reverse-mode graph is recorded
-            jh, jv, J = _linearise(fn, h, apply_to, full, chunk_size)
+            jh, jv, J = _linearise_batch(fn, H, apply_to, full, chunk_size)
+        hs.append(H)
+        zs.append(Z)
+        jhs.append(jh)
+        if jv is not None:
+            applied.append(jv)
         if full:
             weights.append(J)
-        applied.append(jv)
-        hs.append(h)
-        zs.append(z)
-        biases.append(z - jh)
-    if apply_to is None:
-        applied = []
+    back = torch.as_tensor([s for g in groups for s in g]).argsort()   # the subjects' own order again
+    H, Z = torch.cat(hs)[back], torch.cat(zs)[back]
     return LinearRelation(
-        layer=layer, bias=torch.stack(biases).mean(0), beta=beta,
-        weight=torch.stack(weights).mean(0) if full else None,
-        applied=torch.stack(applied).mean(0) if applied else None,
-        h_train=torch.stack(hs), z_train=torch.stack(zs))
+        layer=layer, bias=(Z - torch.cat(jhs)).mean(0), beta=beta,
+        weight=torch.cat(weights).mean(0) if full else None,
+        applied=torch.cat(applied).mean(0) if applied else None,
+        h_train=H, z_train=Z)
 
 
-def _linearise(fn, h, apply_to, full, chunk_size):
-    """(J h, J apply_to^T rows or None, J or None) for one subject."""
+def _linearise_batch(fn, H, apply_to, full, chunk_size):
+    """For b same-length prompts: (J_i h_i [b, d], J_i applied to the rows of apply_to [b, n, d] or None,
+    J_i [b, d, d] or None). Each tangent perturbs every row at once; rows do not interact."""
+    b, d = H.shape
+    rows = [H[None]]
+    if apply_to is not None:
+        rows.append(apply_to[:, None, :].expand(-1, b, -1))
     if full:
-        J = jacobian(fn, h, chunk_size=chunk_size)
-        return J @ h, (apply_to @ J.T if apply_to is not None else None), J
-    _, jv = jvp_batch(fn, h, torch.cat([h[None], apply_to]), chunk_size=chunk_size)
-    return jv[0], jv[1:], None
+        rows.append(torch.eye(d, dtype=H.dtype, device=H.device)[:, None, :].expand(-1, b, -1))
+    tangents = torch.cat(rows)                                           # [k, b, d]
+    jv = torch.func.vmap(lambda v: torch.func.jvp(fn, (H,), (v,))[1], chunk_size=chunk_size)(tangents)  # [k, b, d]
+    n = 0 if apply_to is None else apply_to.shape[0]
+    applied = jv[1:1 + n].transpose(0, 1) if apply_to is not None else None
+    J = jv[1 + n:].permute(1, 2, 0) if full else None                   # [b, d_out, d_in]
+    return jv[0], applied, J
 
 
 @torch.no_grad()
@@ -437,31 +510,40 @@ def choose_beta(model, lre: LinearRelation, targets: Tensor, betas: Sequence[flo
     return float(betas[int(np.argmax(scores))])
 
 
-def lre_layer_sweep(model, template: str, train: Sequence[str], test: Sequence[str], layers: Sequence[int],
-                    betas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)) -> list[dict]:
-    """Faithfulness on held-out `test` subjects of an LRE fitted on `train` subjects, at each layer, against
-    two baselines: identity (decode s itself) and translation (decode s + mean(z - s) over train).
+BETAS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0)  # default grid of LRE scale factors
 
-    The target of each test subject is the model's own top token on its prompt. beta is chosen per layer on
-    the training subjects (``choose_beta``). Returns one dict per layer."""
-    subjects = list(train) + list(test)
+
+def lre_layer_sweep(model, template: str, train: Sequence[str], test: Sequence[str], layers: Sequence[int],
+                    betas: Sequence[float] = BETAS, val: Sequence[str] = ()) -> list[dict]:
+    """Faithfulness of an LRE fitted on `train` subjects, at each layer, on `val` subjects (to choose a layer)
+    and on held-out `test` subjects, against two baselines: identity (decode s itself) and translation
+    (decode s + mean(z - s) over train).
+
+    The target of each subject is the model's own top token on its prompt. beta is chosen per layer on
+    the training subjects (``choose_beta``). Returns one dict per layer, with hit counts (``*_hits``) for
+    intervals; ``lre_val`` is NaN when there are no `val` subjects."""
     if len(train) == 0 or len(test) == 0:
         raise ValueError("need at least one training and one test subject")
+    subjects = list(train) + list(val) + list(test)
     H, Z = subject_states(model, template, subjects, layers)  # [n_sel_layers, n, d], [n, d]
     targets = decode_top(model, Z)
-    n_tr = len(train)
+    n_tr, n_val = len(train), len(val)
+    tr, va, te = slice(0, n_tr), slice(n_tr, n_tr + n_val), slice(n_tr + n_val, None)
     rows = []
     for li, layer in enumerate(layers):
         h = H[li]
         lre = estimate_lre(model, template, list(train), layer, apply_to=h)
-        beta = choose_beta(model, lre, targets[:n_tr], betas, slice(0, n_tr))
-        shift = (Z[:n_tr] - h[:n_tr]).mean(0)
+        beta = choose_beta(model, lre, targets[tr], betas, tr)
+        top = decode_top(model, lre(beta=beta))
+        hits = top == targets
+        shift = (Z[tr] - h[tr]).mean(0)
         rows.append(dict(
             layer=layer, beta=beta,
-            lre=faithfulness(decode_top(model, lre(beta=beta)[n_tr:]), targets[n_tr:]),
-            lre_train=faithfulness(decode_top(model, lre(beta=beta)[:n_tr]), targets[:n_tr]),
-            identity=faithfulness(decode_top(model, h[n_tr:]), targets[n_tr:]),
-            translation=faithfulness(decode_top(model, h[n_tr:] + shift), targets[n_tr:]),
+            lre=faithfulness(top[te], targets[te]), lre_hits=int(hits[te].sum()), n_test=len(test),
+            lre_val=faithfulness(top[va], targets[va]) if n_val else float("nan"), n_val=n_val,
+            lre_train=faithfulness(top[tr], targets[tr]),
+            identity=faithfulness(decode_top(model, h[te]), targets[te]),
+            translation=faithfulness(decode_top(model, h[te] + shift), targets[te]),
         ))
     return rows
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from helpers.paths import FIGURES, NOTEBOOKS, RUNS
 
-INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+# Kernels draw with Agg: `plotting.savefig` shows each figure inline itself (as the saved PNG), and the inline
+# backend makes papermill hang on ipywidgets explorers that call plt.show() inside an Output widget.
+KERNEL_BACKEND = "Agg"
 LOCAL_METADATA = ("input_path", "output_path", "environment_variables")
 
 
@@ -61,8 +63,8 @@ def run_one(path: Path, out: Path, parameters: dict, progress: bool) -> tuple[st
 
 
 def kernel_environment(inplace: bool, jobs: int, write_baseline: bool) -> None:
-    """Set what the notebook kernels inherit: inline figures, where figures go, threads per kernel, baselines."""
-    os.environ["MPLBACKEND"] = INLINE_BACKEND
+    """Set what the notebook kernels inherit: the matplotlib backend, where figures go, threads per kernel, baselines."""
+    os.environ["MPLBACKEND"] = KERNEL_BACKEND
     os.environ["WORKBOOK_FIGURES"] = str(FIGURES if inplace else RUNS / "figures")
     if jobs > 1 and not os.environ.get("WORKBOOK_THREADS"):
         try:

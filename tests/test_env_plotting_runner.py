@@ -64,7 +64,7 @@ def test_runner_kernel_environment(monkeypatch):
     import os
 
     assert os.environ["WORKBOOK_FIGURES"].endswith("runs/figures") and "WORKBOOK_WRITE_BASELINE" not in os.environ
-    assert os.environ["MPLBACKEND"] == runner.INLINE_BACKEND      # figures inline in executed notebooks
+    assert os.environ["MPLBACKEND"] == runner.KERNEL_BACKEND      # savefig shows figures itself
     runner.kernel_environment(inplace=True, jobs=2, write_baseline=True)
     assert os.environ["WORKBOOK_FIGURES"] == str(helpers.FIGURES) and os.environ["WORKBOOK_WRITE_BASELINE"] == "1"
     assert int(os.environ["WORKBOOK_THREADS"]) >= 1

@@ -217,3 +217,68 @@ def test_known_facts_and_graded_prompts(model):
     assert list(g["level"]) == [0, 1, 1, 0, 1, 1] and list(g["template"]) == [0, 0, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="exactly one"):
         LR.graded_prompts({"c": {"levels": [["a"]], "templates": ["no slot"]}})
+
+
+def test_disjoint_bases_share_no_base_token():
+    a, b = [1, 2, 3, 4, 5], [3, 4, 5, 6]
+    keep_a, keep_b = LR.disjoint_bases(a, b, seed=0)
+    kept_a, kept_b = {a[i] for i in keep_a}, {b[i] for i in keep_b}
+    assert not kept_a & kept_b
+    assert {1, 2} <= kept_a and 6 in kept_b and len(kept_a) + len(kept_b) == 6  # each shared token kept once
+    assert LR.disjoint_bases([1, 2], [3], seed=0) == ([0, 1], [0])
+
+
+def test_crossval_r2_per_fold_averages_to_the_mean():
+    levels = _combinations()
+    Y = np.random.default_rng(0).normal(size=(len(levels), 3))
+    folds = LR.crossval_r2(levels, Y, per_fold=True)
+    assert len(folds) == 5 and np.mean(folds) == pytest.approx(LR.crossval_r2(levels, Y))
+
+
+def test_faithfulness_counts_matching_rows():
+    assert LR.faithfulness([1, 2, 3, 4], [1, 0, 3, 0]) == 0.5
+    assert LR.faithfulness(torch.tensor([7]), torch.tensor([7])) == 1.0
+    with pytest.raises(ValueError, match="same length"):
+        LR.faithfulness([1, 2], [1])
+    with pytest.raises(ValueError):
+        LR.faithfulness([], [])
+
+
+def test_choose_beta_picks_the_beta_whose_output_is_the_target(model):
+    z = I.residual_stream(model, [EIFFEL, "The capital of Germany is"], layers=[model.cfg.n_layers], pos=-1)[0]
+    # beta * (z_1 - z_0) + z_0: beta = 0 gives the first prompt's output, beta = 1 the second's
+    lre = LR.LinearRelation(layer=0, bias=z[0], applied=(z[1] - z[0])[None])
+    top = I.unembed(model, z).argmax(-1)
+    assert top[0] != top[1]
+    assert LR.choose_beta(model, lre, top[1:], [0.0, 1.0], slice(0, 1)) == 1.0
+    assert LR.choose_beta(model, lre, top[:1], [0.0, 1.0], slice(0, 1)) == 0.0
+    with pytest.raises(ValueError, match="empty"):
+        LR.choose_beta(model, lre, top[:1], [], slice(0, 1))
+
+
+def test_batched_lre_equals_one_subject_at_a_time(model):
+    tpl, layer = "The {} is located in the city of", model.cfg.n_layers - 3
+    subjects = ["Colosseum", "Eiffel Tower", "Sydney Opera House", "Louvre"]  # lengths 1, 2, 3, 1 token(s)
+    H, _ = LR.subject_states(model, tpl, subjects, [layer])
+    both = LR.estimate_lre(model, tpl, subjects, layer, apply_to=H[0])
+    alone = [LR.estimate_lre(model, tpl, [s], layer, apply_to=H[0]) for s in subjects]
+    assert torch.allclose(both.applied, torch.stack([a.applied for a in alone]).mean(0), atol=1e-3, rtol=1e-3)
+    assert torch.allclose(both.bias, torch.stack([a.bias for a in alone]).mean(0), atol=1e-3, rtol=1e-3)
+    assert torch.allclose(both.h_train, H[0], atol=1e-4)           # the subject positions skip the padding
+    # prompts of different lengths in one left-padded batch give the same outputs as each prompt alone
+    pos = [LR.subject_position(model, tpl, s) for s in subjects]
+    _, H_pad, Z_pad = LR.hidden_to_output_batch(model, [tpl.format(s) for s in subjects], layer, pos)
+    assert torch.allclose(H_pad, H[0], atol=1e-3) and torch.allclose(Z_pad, torch.stack([a.z_train[0] for a in alone]), atol=1e-3)
+
+
+def test_lre_layer_sweep_on_the_real_model(model):
+    tpl, mid = "The capital of {} is", model.cfg.n_layers * 2 // 5
+    train, val, test = ["France", "Germany", "Japan"], ["Italy"], ["Spain", "Russia"]
+    rows = LR.lre_layer_sweep(model, tpl, train, test, [mid], betas=[1.0, 2.0], val=val)
+    (row,) = rows
+    assert row["layer"] == mid and row["beta"] in (1.0, 2.0) and row["n_test"] == 2 and row["n_val"] == 1
+    assert row["lre"] == row["lre_hits"] / 2
+    # at a middle layer the LRE of a known relation maps its subjects to the model's answers; identity never does
+    assert row["lre_train"] == 1.0 and row["lre_val"] == 1.0 and row["lre_hits"] >= 1 and row["identity"] == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        LR.lre_layer_sweep(model, tpl, train, [], [mid])
