@@ -305,37 +305,12 @@ def hidden_to_output(model, prompt: str, layer: int, pos: int) -> tuple[Callable
     """The map h -> z of one prompt: h replaces the residual stream entering block `layer` at position `pos`,
     z is the residual stream after the last block at the last position. Returns (fn, h, z) at the model's
     own h. fn runs the model with hooks (skipping the unembedding) and works under torch.func transforms."""
-    n = I.n_layers(model)
     layer = I.check_layer(model, layer)  # h must enter a block: 0 .. n_layers - 1
     tokens = I.to_tokens(model, prompt)
     if not -tokens.shape[1] <= pos < tokens.shape[1]:
         raise IndexError(f"position {pos} is outside the prompt's {tokens.shape[1]} tokens")
-    pos = pos % tokens.shape[1]
-    in_name, out_name = I.resid_name(model, layer), I.resid_name(model, n)
-    mask = torch.zeros(1, tokens.shape[1], 1, device=tokens.device)
-    mask[0, pos] = 1.0
-
-    def fn(h: Tensor) -> Tensor:
-        store = {}
-
-        def put(resid, hook=None):
-            return resid + mask.to(resid.dtype) * (h.to(resid.dtype) - resid)  # out of place: torch.func safe
-
-        def take(resid, hook=None):
-            store["z"] = resid[0, -1]
-            raise _Stop
-
-        try:
-            model.run_with_hooks(tokens, fwd_hooks=[(in_name, put), (out_name, take)], return_type=None)
-        except _Stop:
-            pass
-        if "z" not in store:
-            raise RuntimeError(f"the hook on {out_name} never ran")
-        return store["z"]
-
-    with torch.no_grad():
-        _, cache = I.run_with_cache(model, tokens, [in_name, out_name])
-    return fn, cache[in_name][0, pos].clone(), cache[out_name][0, -1].clone()
+    batch_fn, h, z = hidden_to_output_batch(model, [prompt], layer, [pos % tokens.shape[1]])
+    return (lambda v: batch_fn(v[None])[0]), h[0], z[0]
 
 
 @dataclass
