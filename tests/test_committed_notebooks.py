@@ -9,7 +9,7 @@ import pytest
 from helpers.paths import BASELINES, NOTEBOOKS
 
 BOOKS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
-LOCAL = re.compile(r"(/root/|/home/|/Users/|/work/|/tmp/|/private/var/|[A-Za-z]:\\\\Users)")
+LOCAL = re.compile(r"(/root/|/home/|/Users/|/work/|/tmp/|/private/var/|/content/|[A-Za-z]:\\\\Users)")
 
 
 def load(path):
@@ -44,13 +44,14 @@ def test_no_local_paths_or_host_names(path):
     papermill = nb.get("metadata", {}).get("papermill", {})
     assert not {"input_path", "output_path"} & papermill.keys(), f"{path.name}: papermill metadata keeps local paths"
     host = socket.gethostname()
-    found = []
+    found = [f"cell {i} source: {bad!r}" for i, cell in enumerate(nb["cells"])
+             for bad in LOCAL.findall("".join(cell["source"]))]
     for i, cell in enumerate(code_cells(nb)):
         for out in cell.get("outputs", []):
             text = text_of(out) + "".join(out.get("traceback", []))
             for bad in LOCAL.findall(text) + ([host] if host and len(host) > 3 and host in text else []):
                 found.append(f"code cell {i}: {bad!r}")
-    assert not found, f"{path.name}: local paths or host names in outputs:\n" + "\n".join(found[:10])
+    assert not found, f"{path.name}: local paths or host names in sources or outputs:\n" + "\n".join(found[:10])
 
 
 @pytest.mark.parametrize("path", BOOKS, ids=lambda p: p.stem)
