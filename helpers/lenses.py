@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from helpers import interventions as I
+from helpers.probes import fit_affine
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,73 +185,6 @@ def split_by_group(states: States, groups: Tensor, test_fraction: float = 0.3, s
 
 # ---------------------------------------------------------------------------------------------
 # linear maps
-RIDGE_ALPHAS: tuple[float, ...] = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-def _ridge_solutions(X: Tensor, Y: Tensor, alphas: Sequence[float]) -> Iterator[tuple[Tensor, Tensor]]:
-    """(W, b) in float64 for each relative ridge penalty, from one eigendecomposition of the centred X'X."""
-    X64, Y64 = X.double(), Y.double()
-    mx, my = X64.mean(0), Y64.mean(0)
-    Xc = X64 - mx
-    evals, V = torch.linalg.eigh(Xc.T @ Xc)
-    proj = V.T @ (Xc.T @ (Y64 - my))                                      # [d_in, d_out]
-    scale = evals.clamp_min(0).mean().clamp_min(1e-12)
-    for alpha in alphas:
-        W = V @ (proj / (evals.clamp_min(0) + alpha * scale)[:, None])
-        yield W, my - mx @ W
-
-
-def fit_affine_cv(X: Tensor, Y: Tensor, val: Tensor, alphas: Sequence[float] = RIDGE_ALPHAS,
-                  n_blocks: int = 1) -> tuple[Tensor, Tensor, list[float]]:
-    """Ridge regression whose penalty is chosen on a validation split: fit on rows ~val for each alpha (relative,
-    as in `fit_affine`), keep the alpha with the lowest validation mean squared error, separately for each of
-    `n_blocks` equal column blocks of Y (e.g. several targets N side by side), then refit on every row.
-    Returns (W [d_in, d_out], b [d_out], the chosen alpha per block)."""
-    if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0] or val.shape != (X.shape[0],):
-        raise ValueError(f"need X [n, d_in], Y [n, d_out], val [n] bool; got {tuple(X.shape)}, {tuple(Y.shape)}, "
-                         f"{tuple(val.shape)}")
-    if Y.shape[1] % n_blocks or not alphas or min(alphas) < 0:
-        raise ValueError("Y's columns must split into n_blocks equal blocks, and alphas must be >= 0")
-    if val.all() or not val.any():
-        raise ValueError("val must mark some rows, not all")
-    d = Y.shape[1] // n_blocks
-    errors = torch.stack([((X[val].double() @ W + b - Y[val].double()) ** 2).reshape(-1, n_blocks, d).mean((0, 2))
-                          for W, b in _ridge_solutions(X[~val], Y[~val], alphas)])       # [alpha, block]
-    chosen = [float(alphas[i]) for i in errors.argmin(0).tolist()]
-    fits = {a: wb for a, wb in zip(sorted(set(chosen)), _ridge_solutions(X, Y, sorted(set(chosen))))}
-    W = torch.cat([fits[a][0][:, k * d:(k + 1) * d] for k, a in enumerate(chosen)], dim=1)
-    b = torch.cat([fits[a][1][k * d:(k + 1) * d] for k, a in enumerate(chosen)])
-    return W.to(X.dtype), b.to(X.dtype), chosen
-
-
-def fit_affine(X: Tensor, Y: Tensor, alpha: float = 1e-3, prior: str = "zero") -> tuple[Tensor, Tensor]:
-    """Ridge regression Y ≈ X @ W + b in closed form; returns (W [d_in, d_out], b [d_out]).
-
-    alpha is relative: the penalty is alpha * mean eigenvalue of the centred X'X, so it means the same at every
-    layer whatever the residual norm. prior="identity" shrinks W towards the identity instead of zero (needs
-    d_in == d_out): a tuned-lens translator that becomes the logit lens as alpha grows."""
-    if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
-        raise ValueError(f"X [n, d_in] and Y [n, d_out] must have the same n; got {tuple(X.shape)}, {tuple(Y.shape)}")
-    if alpha < 0:
-        raise ValueError("alpha must be >= 0")
-    if prior not in ("zero", "identity"):
-        raise ValueError(f"prior must be 'zero' or 'identity', got {prior!r}")
-    if prior == "identity" and X.shape[1] != Y.shape[1]:
-        raise ValueError("prior='identity' needs d_in == d_out")
-    X64, Y64 = X.double(), Y.double()
-    mx, my = X64.mean(0), Y64.mean(0)
-    Xc, Yc = X64 - mx, Y64 - my
-    if prior == "identity":
-        Yc = Yc - Xc
-    gram = Xc.T @ Xc
-    lam = alpha * gram.diagonal().mean().clamp_min(1e-12)
-    W = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), Xc.T @ Yc)
-    if prior == "identity":
-        W = W + torch.eye(W.shape[0], dtype=W.dtype)
-    b = my - mx @ W
-    return W.to(X.dtype), b.to(X.dtype)
-
-
 @torch.no_grad()
 def decode(model, resid: Tensor, chunk: int = 512) -> Tensor:
     """Logits of residual vectors [n, d_model] read through the final norm and unembedding: [n, vocab]."""

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from helpers import interventions as I
+from helpers.probes import mean_difference  # noqa: F401  (re-exported)
 
 # ---------------------------------------------------------------------------------------------
 # 1. unembedding geometry
@@ -181,17 +182,6 @@ def cosine_matrix(directions: Tensor, metric: Tensor | None = None) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # 2. directions in the residual stream
-
-
-def mean_difference(acts: Tensor, labels: Sequence[int] | Tensor, high, low) -> Tensor:
-    """mean(acts[labels == high]) - mean(acts[labels == low]) for acts [n, d]."""
-    labels = torch.as_tensor(np.asarray(labels))
-    if acts.ndim != 2 or len(labels) != acts.shape[0]:
-        raise ValueError(f"acts must be [n, d] with one label per row; got {tuple(acts.shape)} and {len(labels)} labels")
-    hi, lo = labels == high, labels == low
-    if not hi.any() or not lo.any():
-        raise ValueError(f"no rows with label {high!r} or {low!r}")
-    return acts[hi].mean(0) - acts[lo].mean(0)
 
 
 def projections(acts: Tensor, direction: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from helpers.env import DATA, torch_threads
+from helpers.geometry import effective_rank
 from helpers.stats import bootstrap_ci, bootstrap_ratio_ci, paired_difference, wilson_interval  # noqa: F401  (moved to stats)
 
 FILLER_KINDS = ("dots", "newlines", "special", "meaningful", "neutral")
@@ -381,35 +382,6 @@ def lens_answer_logprob(model, resid: Tensor, answer_ids: Tensor, candidates: Te
 
 # ---------------------------------------------------------------------------------------------
 # rank measures
-def singular_values(matrix: Tensor | np.ndarray) -> Tensor:
-    """Singular values of a matrix [m, n] or a stack of them [..., m, n] (float64)."""
-    m = torch.as_tensor(matrix).detach().double()
-    if m.ndim < 2:
-        raise ValueError(f"need a matrix [m, n] or a stack [..., m, n], got shape {tuple(m.shape)}")
-    with torch_threads(1):     # small SVDs: threads gain nothing and stall on a busy CPU (see torch_threads)
-        return torch.linalg.svdvals(m)
-
-
-def effective_rank(matrix: Tensor | np.ndarray) -> float | np.ndarray:
-    """Roy & Vetterli (2007) effective rank: exp(entropy of the normalised singular values). A matrix with
-    r equal non-zero singular values has effective rank r; a zero matrix has 0. Stacks [..., m, n] give
-    an array [...]."""
-    s = singular_values(matrix)
-    total = s.sum(-1, keepdim=True)
-    p = s / total.clamp_min(1e-300)
-    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
-    out = torch.where(total[..., 0] > 0, entropy.exp(), torch.zeros_like(entropy)).cpu().numpy()
-    return float(out) if out.ndim == 0 else out
-
-
-def numerical_rank(matrix: Tensor | np.ndarray, rtol: float = 1e-2) -> int | np.ndarray:
-    """Number of singular values above rtol x the largest ([..., m, n] stacks give an array)."""
-    s = singular_values(matrix)
-    top = s.max(-1, keepdim=True).values if s.shape[-1] else torch.zeros(s.shape[:-1] + (1,), dtype=s.dtype)
-    out = ((s > rtol * top) & (top > 0)).sum(-1).cpu().numpy()
-    return int(out) if out.ndim == 0 else out
-
-
 def rank_gain(rows: Tensor, n_base: int, ks: Sequence[int], measure=effective_rank) -> np.ndarray:
     """measure(first n_base + k rows) - measure(first n_base rows), for each k: how much rank k extra
     positions add to the set of vectors attention can read. rows: [..., pos, d] -> [len(ks), ...]."""

@@ -26,20 +26,7 @@ import torch
 from torch import Tensor
 
 from helpers import interventions as I
-
-def _one_thread(fn):
-    """Run scikit-learn / BLAS work on one thread: these matrices are small, and thread pools that spin
-    while waiting make them many times slower on a shared or busy CPU."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=1):
-            return fn(*args, **kwargs)
-    return wrapper
-
+from helpers.probes import single_threaded as _one_thread
 
 # ---------------------------------------------------------------------------------------------
 # checks
@@ -191,20 +178,6 @@ def ledoit_wolf_shrinkage(samples: Tensor) -> float:
 
     x = samples.double().cpu().numpy()
     return float(lw(x - x.mean(0), assume_centered=True))
-
-
-def effective_rank(cov: Tensor) -> dict[str, float]:
-    """Two effective ranks of a covariance [d, d]: the participation ratio (sum λ)^2 / sum λ^2 and the
-    entropy rank exp(H(λ / sum λ)) (Roy & Vetterli 2007). Both are d for an isotropic covariance, 1 for rank 1."""
-    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
-        raise ValueError(f"cov must be square [d, d], got {tuple(cov.shape)}")
-    ev = torch.linalg.eigvalsh(cov.double()).clamp_min(0)
-    if ev.sum() <= 0:
-        raise ValueError("cov has no positive eigenvalue")
-    p = ev / ev.sum()
-    nz = p[p > 0]
-    return {"participation ratio": float(ev.sum() ** 2 / (ev ** 2).sum()),
-            "entropy rank": float(torch.exp(-(nz * nz.log()).sum()))}
 
 
 def mixture_directions(points: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -630,66 +603,3 @@ def output_features(logits: Tensor, top_k: int = 10) -> tuple[np.ndarray, list[i
     logp = logits.float().log_softmax(-1)
     ids = sorted(set(logp.topk(top_k, dim=-1).indices.flatten().tolist()))
     return logp[:, ids].cpu().numpy(), ids
-
-
-@_one_thread
-def kmeans_by_silhouette(x: np.ndarray, ks: Sequence[int] = range(2, 9), seed: int = 0,
-                         n_init: int = 10) -> dict[str, Any]:
-    """K-means for each k in `ks`, keeping the k with the best silhouette score (scikit-learn).
-    Returns k, labels, and the silhouette of every k tried."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
-
-    x = np.asarray(x, dtype=float)
-    ks = [k for k in ks if 2 <= k < len(x)]
-    if not ks:
-        raise ValueError(f"need some k with 2 <= k < n_samples={len(x)}")
-    scores, labels = {}, {}
-    for k in ks:
-        lab = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
-        scores[k] = float(silhouette_score(x, lab)) if len(set(lab)) > 1 else -1.0
-        labels[k] = lab
-    best = max(scores, key=scores.get)
-    return {"k": best, "labels": labels[best], "silhouette": scores}
-
-
-@_one_thread
-def kmeans_labels(x: np.ndarray, k: int, seed: int = 0, n_init: int = 4, standardise: bool = True) -> np.ndarray:
-    """K-means cluster labels of the rows of x (standardised features by default); duplicate points are fine."""
-    import warnings
-
-    from sklearn.cluster import KMeans
-    from sklearn.preprocessing import StandardScaler
-
-    x = np.asarray(x, dtype=float)
-    if standardise:
-        x = StandardScaler().fit_transform(x)
-    with warnings.catch_warnings():  # identical points (e.g. every prompt ends in the same token at layer 0)
-        warnings.simplefilter("ignore")
-        return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
-
-
-@_one_thread
-def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 3, seed: int = 0, alpha: float = 1.0) -> float:
-    """Cross-validated accuracy of a linear probe (standardised features, scikit-learn's closed-form
-    RidgeClassifier, one-vs-rest) predicting labels y from x. Classes with fewer members than `folds` are
-    kept in training but folds never exceed the smallest class (at least 2)."""
-    from sklearn.linear_model import RidgeClassifier
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    x, y = np.asarray(x, dtype=float), np.asarray(y)
-    if x.ndim != 2 or len(x) != len(y):
-        raise ValueError(f"x must be [n, features] and y [n], got {x.shape} and {y.shape}")
-    if len(np.unique(y)) < 2:
-        return 1.0
-    counts = np.unique(y, return_counts=True)[1]
-    folds = max(2, min(folds, int(counts.min())))
-    probe = make_pipeline(StandardScaler(), RidgeClassifier(alpha=alpha))
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    import warnings
-
-    with warnings.catch_warnings():  # "the least populated class has only 1 member": fine, said above
-        warnings.simplefilter("ignore", UserWarning)
-        return float(cross_val_score(probe, x, y, cv=cv).mean())

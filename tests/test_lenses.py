@@ -8,15 +8,6 @@ from helpers import lenses as L
 from tests.conftest import EIFFEL
 
 
-def test_fit_affine_recovers_a_planted_map():
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(2000, 16, generator=gen)
-    W = torch.randn(16, 8, generator=gen)
-    b = torch.randn(8, generator=gen)
-    W_hat, b_hat = L.fit_affine(X, X @ W + b + 0.01 * torch.randn(2000, 8, generator=gen), alpha=1e-6)
-    assert torch.allclose(W_hat, W, atol=2e-3) and torch.allclose(b_hat, b, atol=2e-3)
-
-
 def test_identity_prior_shrinks_to_the_identity():
     gen = torch.Generator().manual_seed(1)
     X, Y = torch.randn(500, 6, generator=gen), torch.randn(500, 6, generator=gen)
@@ -113,19 +104,6 @@ def test_opening_groups_and_group_split():
         train, test = L.split_by_group(states, groups, 0.34, seed=seed)
         assert (train ^ test).all()
         assert not set(groups[seq[train]].tolist()) & set(groups[seq[test]].tolist())   # no opening on both sides
-
-
-def test_fit_affine_cv_picks_the_penalty_on_validation():
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(400, 8, generator=gen)
-    val = torch.arange(400) % 4 == 0
-    Y = torch.cat([X @ torch.randn(8, 8, generator=gen), torch.randn(400, 8, generator=gen)], dim=1)
-    W, b, chosen = L.fit_affine_cv(X, Y, val, alphas=(1e-6, 1e-2, 10.0, 1e4), n_blocks=2)
-    assert chosen[0] < 1e-1 and chosen[1] >= 10.0            # exact map: no shrinkage; pure noise: shrink
-    assert W.shape == (8, 16) and b.shape == (16,)
-    assert torch.allclose(W[:, :8], L.fit_affine(X, Y[:, :8], alpha=chosen[0])[0], atol=1e-4)
-    W_id, _, _ = L.fit_affine_cv(X, X, val)                   # the identity is recovered (the logit lens)
-    assert torch.allclose(W_id, torch.eye(8), atol=1e-3)
 
 
 def test_accuracy_gap_clustered_is_wider_for_copies():

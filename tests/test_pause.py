@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import pause
+from helpers import geometry, pause
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,14 +140,14 @@ def test_bootstrap_and_paired_difference():
 def test_rank_measures_on_known_matrices():
     g = torch.Generator().manual_seed(0)
     rank1 = torch.randn(12, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 30, generator=g, dtype=torch.float64)
-    assert math.isclose(pause.effective_rank(rank1), 1.0, abs_tol=1e-6)
-    assert pause.numerical_rank(rank1) == 1
-    assert math.isclose(pause.effective_rank(torch.eye(5)), 5.0, abs_tol=1e-9)
+    assert math.isclose(geometry.effective_rank(rank1), 1.0, abs_tol=1e-6)
+    assert geometry.numerical_rank(rank1) == 1
+    assert math.isclose(geometry.effective_rank(torch.eye(5)), 5.0, abs_tol=1e-9)
     rank3 = torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 40, generator=g, dtype=torch.float64)
-    assert pause.numerical_rank(rank3) == 3 and pause.effective_rank(rank3) <= 3 + 1e-9
-    assert pause.effective_rank(torch.zeros(4, 4)) == 0.0 and pause.numerical_rank(torch.zeros(4, 4)) == 0
+    assert geometry.numerical_rank(rank3) == 3 and geometry.effective_rank(rank3) <= 3 + 1e-9
+    assert geometry.effective_rank(torch.zeros(4, 4)) == 0.0 and geometry.numerical_rank(torch.zeros(4, 4)) == 0
     stack = torch.stack([rank1, rank3[:12, :30]])
-    assert list(pause.numerical_rank(stack)) == [1, 3]
+    assert list(geometry.numerical_rank(stack, rtol=1e-2)) == [1, 3]
 
 
 def test_rank_gain_of_copies_is_zero():
@@ -155,8 +155,8 @@ def test_rank_gain_of_copies_is_zero():
     base = torch.randn(6, 16, generator=g)
     copies = base[-1:].expand(4, 16)                 # four pauses that copy the last position
     fresh = torch.randn(4, 16, generator=g)          # four new directions
-    gain_copies = pause.rank_gain(torch.cat([base, copies]), 6, [0, 2, 4], measure=pause.numerical_rank)
-    gain_fresh = pause.rank_gain(torch.cat([base, fresh]), 6, [0, 2, 4], measure=pause.numerical_rank)
+    gain_copies = pause.rank_gain(torch.cat([base, copies]), 6, [0, 2, 4], measure=geometry.numerical_rank)
+    gain_fresh = pause.rank_gain(torch.cat([base, fresh]), 6, [0, 2, 4], measure=geometry.numerical_rank)
     assert list(gain_copies) == [0, 0, 0] and list(gain_fresh) == [0, 2, 4]
     with pytest.raises(ValueError):
         pause.rank_gain(base, 6, [1])

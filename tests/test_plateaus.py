@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import interventions as I
+from helpers import geometry
 from helpers import plateaus as P
 from tests.conftest import EIFFEL
 
@@ -149,24 +150,6 @@ def test_activations_at_skips_bos_and_padding(model):
     assert torch.allclose(acts[len(model.to_str_tokens(EIFFEL)) - 2], last[0], atol=1e-4)
 
 
-def test_kmeans_by_silhouette_and_probe():
-    rng = np.random.default_rng(0)
-    centres = np.array([[0, 0], [10, 0], [0, 10]])
-    x = np.concatenate([c + rng.normal(size=(30, 2)) for c in centres])
-    y = np.repeat([0, 1, 2], 30)
-    result = P.kmeans_by_silhouette(x, range(2, 6))
-    assert result["k"] == 3
-    from sklearn.metrics import adjusted_rand_score
-
-    assert adjusted_rand_score(y, result["labels"]) == pytest.approx(1.0)
-    assert adjusted_rand_score(y, P.kmeans_labels(x, 3)) == pytest.approx(1.0)
-    assert P.probe_accuracy(x, y) == pytest.approx(1.0)
-    assert P.probe_accuracy(rng.normal(size=(90, 2)), y) < 0.6  # no signal: near chance (1/3)
-    logits = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0]])
-    feats, ids = P.output_features(logits, top_k=1)
-    assert ids == [0, 1] and feats.shape == (2, 2)
-
-
 def test_activations_at_stops_early_with_the_same_values(model):
     prompts = [EIFFEL, "I love"]
     acts = P.activations_at(model, prompts, [2, 5], pos=None)  # runs blocks 0-4 only
@@ -187,10 +170,10 @@ def test_shrinkage_effective_rank_and_mixture_directions():
     many = torch.randn(5000, 5, generator=g) * torch.tensor([10.0, 1, 1, 1, 1])  # anisotropic, many samples
     assert P.ledoit_wolf_shrinkage(few) > 0.5 and P.ledoit_wolf_shrinkage(many) < 0.05
     assert P.ledoit_wolf_shrinkage(many) == pytest.approx(LedoitWolf().fit(many.double().numpy()).shrinkage_, abs=1e-9)
-    iso = P.effective_rank(torch.eye(6))
+    iso = geometry.covariance_ranks(torch.eye(6))
     assert iso["participation ratio"] == pytest.approx(6) and iso["entropy rank"] == pytest.approx(6)
     v = torch.tensor([1.0, 2.0, 0.0])
-    one = P.effective_rank(torch.outer(v, v))
+    one = geometry.covariance_ranks(torch.outer(v, v))
     assert one["participation ratio"] == pytest.approx(1) and one["entropy rank"] == pytest.approx(1)
     points = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 2, 0]])
     dirs = P.mixture_directions(points, 200, g)
@@ -217,3 +200,9 @@ def test_interpolating_every_position_between_two_prompts(model):
     assert torch.allclose(both["logits"][1, 0], I.logits(model, c)[0], atol=1e-3)
     with pytest.raises(ValueError, match="same number of tokens"):
         P.interpolate_prompts(model, EIFFEL, "I love", 1, [0.0, 1.0])
+
+
+def test_output_features_keeps_the_union_of_top_tokens():
+    logits = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0]])
+    feats, ids = P.output_features(logits, top_k=1)
+    assert ids == [0, 1] and feats.shape == (2, 2)
