@@ -17,40 +17,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from helpers.interventions import module_input
 from helpers.finetune import Prefix, _frozen, get_module, get_weight, make_batch, mlp_out_name, single_token_id
 from helpers.geometry import Svd, _matrix, effective_rank, numerical_rank, one_thread, random_orthonormal, right_vectors, svd
-
-class _Stop(Exception):
-    pass
-
 
 @torch.no_grad()
 def mlp_keys(model, tokenizer, prompts: Sequence[str], layer: int, skip_first: bool = True) -> tuple[Tensor, list[tuple[int, int]]]:
     """Inputs of the MLP output matrix ("keys", [n_tokens, d_mlp]) at every token of every prompt, and
     (prompt index, position) of each row. The forward pass stops at that layer."""
     module = get_module(model, mlp_out_name(model, layer))
-    conv = type(module).__name__ == "Conv1D"
     keys, where = [], []
     for i, p in enumerate(prompts):
         ids = tokenizer(p, return_tensors="pt")["input_ids"].to(module.weight.device)
-        grabbed = {}
-
-        def hook(mod, args):
-            grabbed["k"] = args[0].detach()
-            raise _Stop
-
-        handle = module.register_forward_pre_hook(hook)
-        try:
-            model(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        k = grabbed["k"][0].float().cpu()
+        k = module_input(model, module, input_ids=ids, use_cache=False)[0][0].float().cpu()
         start = 1 if skip_first and k.shape[0] > 1 else 0
         keys.append(k[start:])
         where += [(i, t) for t in range(start, k.shape[0])]
-    del conv
     return torch.cat(keys), where
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 from torch import Tensor
 
 from helpers import interventions as I
@@ -454,12 +455,8 @@ def random_depth_null(n_layers: int, n_heads: int, k: int, n_draws: int = 2000, 
     return (draws // n_heads).float().mean(1) / n_layers
 
 
-def _ranks(x: Tensor) -> Tensor:
-    return torch.argsort(torch.argsort(x)).double()
-
-
 def split_half_reliability(per_prompt: Tensor, n_splits: int = 50, seed: int = 0) -> float:
-    """Mean Spearman correlation, over random halvings of the prompts, between the heads' AIE from one half and
+    """Mean Spearman correlation (scipy; ties share their mean rank), over random halvings of the prompts, between the heads' AIE from one half and
     from the other (per_prompt: [n >= 2, L, H]): how reproducible the head ranking is with this many prompts."""
     n = per_prompt.shape[0]
     if per_prompt.ndim != 3 or n < 2:
@@ -469,7 +466,7 @@ def split_half_reliability(per_prompt: Tensor, n_splits: int = 50, seed: int = 0
     for _ in range(n_splits):
         perm = torch.randperm(n, generator=gen)
         a, b = per_prompt[perm[:n // 2]].mean(0).flatten(), per_prompt[perm[n // 2:]].mean(0).flatten()
-        rhos.append(torch.corrcoef(torch.stack([_ranks(a), _ranks(b)]))[0, 1].item())
+        rhos.append(float(spearmanr(a.numpy(), b.numpy()).statistic))
     return float(sum(rhos) / len(rhos))
 
 

@@ -92,6 +92,19 @@ def er_causal(m: int, p: float, size: int, rng: np.random.Generator) -> np.ndarr
     return (rng.random((size, m, m)) < p) * np.tril(np.ones((m, m)), -1)
 
 
+def causal_rewire(B: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`size` random causal graphs with the out-degree of every query of B kept: query i's k_i edges go to
+    k_i keys drawn uniformly without replacement among keys 0..i-1. [size, m, m] (B is one [m, m] graph)."""
+    B = _as_square(B, "B")
+    if B.ndim != 2 or np.triu(B).any():
+        raise ValueError("B must be one strictly lower-triangular [m, m] graph")
+    m = B.shape[0]
+    k = B.sum(1)
+    scores = np.where(np.tril(np.ones((m, m), bool), -1), rng.random((size, m, m)), -np.inf)
+    ranks = np.argsort(np.argsort(-scores, axis=-1), axis=-1)
+    return (ranks < k[:, None]).astype(float)
+
+
 def in_degree(B: np.ndarray) -> np.ndarray:
     """In-degree of each key (column sums): [..., m]."""
     return _as_square(B, "B").sum(-2)
@@ -149,8 +162,8 @@ def profile_likelihood(d: np.ndarray) -> np.ndarray:
     sse1 = c2 - c1 ** 2 / q
     n2 = np.maximum(p - q, 1)
     sse2 = np.where(q < p, (tot2 - c2) - (tot1 - c1) ** 2 / n2, 0.0)
-    dof = np.where(q < p, p - 2, p - 1)
-    var = np.maximum((sse1 + sse2) / dof, 1e-12 * np.maximum(tot2 / p, 1e-300))
+    dof = np.maximum(np.where(q < p, p - 2, p - 1), 1)    # graspologic divides by 0 when p = 2
+    var = np.maximum(np.maximum(sse1 + sse2, 0) / dof, 1e-12 * np.maximum(tot2 / p, 1e-300))
     return -p / 2 * np.log(2 * np.pi * var) - (sse1 + sse2) / (2 * var)
 
 

@@ -221,6 +221,49 @@ def run_with_cache(model, inputs: Inputs, names: str | Sequence[str] | Callable[
     return logits, {k: v for k, v in cache.items() if names_filter(k)}
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early: see `run_until` and `module_input`."""
+
+
+def run_until(model, tokens: Tensor, stop_at: str, fwd_hooks: Sequence[tuple[str, Callable]] = (), **kwargs: Any) -> None:
+    """Run the model on `tokens` with `fwd_hooks`, and stop the forward pass right after the hooks at `stop_at`
+    have run: the blocks above it (and the unembedding) are skipped. Hooks store what they need themselves.
+    kwargs go to the model (e.g. `attention_mask=`). Works under torch.func transforms."""
+    if stop_at not in model.hook_dict:
+        raise KeyError(f"unknown hook name {stop_at!r}; see helpers.interventions.hook_name")
+
+    def stop(act: Tensor, hook: Any = None) -> None:
+        raise StopForward
+
+    try:
+        with model.hooks(fwd_hooks=list(fwd_hooks) + [(stop_at, stop)]):
+            model(tokens, **kwargs)
+    except StopForward:
+        return
+    raise RuntimeError(f"the forward pass never reached {stop_at!r}")
+
+
+def module_input(model, module: torch.nn.Module, **inputs: Any) -> tuple:
+    """The positional inputs of `module` in a forward pass of a plain PyTorch / Hugging Face `model` on
+    `inputs`, stopping the pass there (nothing above the module runs)."""
+    grabbed: dict[str, tuple] = {}
+
+    def grab(mod: torch.nn.Module, args: tuple) -> None:
+        grabbed["args"] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(grab)
+    try:
+        model(**inputs)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "args" not in grabbed:
+        raise RuntimeError("the forward pass never reached the module")
+    return grabbed["args"]
+
+
 @torch.no_grad()
 def residual_stream(model, inputs: Inputs, layers: Sequence[int] | None = None, pos: Positions = -1,
                     batch_size: int = 32) -> Tensor:

@@ -287,10 +287,6 @@ def subject_position(model, template: str, subject: str) -> int:
     return len(head) - 1
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the wanted activation is stored."""
-
-
 def hidden_to_output(model, prompt: str, layer: int, pos: int) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
     """The map h -> z of one prompt: h replaces the residual stream entering block `layer` at position `pos`,
     z is the residual stream after the last block at the last position. Returns (fn, h, z) at the model's
@@ -355,13 +351,8 @@ def hidden_to_output_batch(model, prompts: Sequence[str], layer: int, positions:
 
         def take(resid, hook=None):
             store["z"] = resid[:, -1]
-            raise _Stop
 
-        try:
-            model.run_with_hooks(tokens, fwd_hooks=[(in_name, put), (out_name, take)], return_type=None,
-                                 **padded)
-        except _Stop:
-            pass
+        I.run_until(model, tokens, out_name, [(in_name, put), (out_name, take)], **padded)
         if "z" not in store:
             raise RuntimeError(f"the hook on {out_name} never ran")
         return store["z"]

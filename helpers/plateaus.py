@@ -110,29 +110,19 @@ def activations_at(model, prompts: Sequence[str] | Tensor, layer: int | Sequence
     return out if several else out[0]
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the deepest layer wanted has been read."""
-
-
 @torch.no_grad()
 def _run_until(model, tokens: Tensor, names: list[str], deepest: int) -> dict[str, Tensor]:
     """The residual streams `names` of a left-padded batch, running the blocks only up to layer `deepest`
     (the rest of the model is skipped: the same values at a fraction of the cost)."""
     store: dict[str, Tensor] = {}
-    stop_at = I.resid_name(model, deepest)
 
     def keeper(name: str):
         def keep(act: Tensor, hook: Any = None) -> None:
             store[name] = act.detach().clone()
-            if name == stop_at and deepest < I.n_layers(model):
-                raise _Stop
         return keep
 
-    try:
-        with model.hooks(fwd_hooks=[(n, keeper(n)) for n in names]):
-            model(tokens, attention_mask=I.attention_mask(model, tokens))
-    except _Stop:
-        pass
+    I.run_until(model, tokens, I.resid_name(model, deepest), [(n, keeper(n)) for n in names],
+                attention_mask=I.attention_mask(model, tokens))
     return store
 
 

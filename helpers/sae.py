@@ -5,7 +5,8 @@
     S.fvu(test_acts, S.kmeans_reconstruct(test_acts, S.fit_kmeans(train_acts, 256), scaled=True))
 
 FVU is ‖x − x̂‖² summed over tokens, divided by the total variance Σ‖x − mean‖² (centred); `fvu_uncentered`
-divides by Σ‖x‖² instead, the pitfall that makes every method look better when the mean is large.
+divides by Σ‖x‖² instead, the pitfall that makes every method look better when the mean is large, and
+`fvu_per_dim` averages per-dimension ratios (the definition Heimersheim's first k-means numbers used).
 """
 from __future__ import annotations
 
@@ -42,6 +43,30 @@ def fvu_uncentered(x: Tensor, x_hat: Tensor) -> float:
     """The pitfall: Σ‖x − x̂‖² / Σ‖x‖², no mean subtracted (flatters every method when ‖mean‖ is large)."""
     x, x_hat = _check_2d(x), _check_2d(x_hat, "x_hat")
     return float(((x - x_hat) ** 2).sum() / (x ** 2).sum())
+
+
+def fvu_per_dim(x: Tensor, x_hat: Tensor) -> float:
+    """The other pitfall: the mean over dimensions of each dimension's own FVU (every direction weighted
+    equally, however little variance it has), instead of one ratio of totals."""
+    x, x_hat = _check_2d(x), _check_2d(x_hat, "x_hat")
+    return float((((x - x_hat) ** 2).sum(0) / ((x - x.mean(0)) ** 2).sum(0).clamp_min(1e-12)).mean())
+
+
+def fvu_difference_ci(x: Tensor, x_hat_a: Tensor, x_hat_b: Tensor, groups: Tensor, n_boot: int = 1000,
+                      level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """FVU(a) − FVU(b) on x and its percentile-bootstrap interval, resampling whole groups (documents)."""
+    x = _check_2d(x)
+    var = ((x - x.mean(0)) ** 2).sum(1)
+    err = ((x - x_hat_a) ** 2).sum(1) - ((x - x_hat_b) ** 2).sum(1)
+    _, inv = torch.as_tensor(groups).unique(return_inverse=True)
+    n_g = int(inv.max()) + 1
+    err_g = torch.zeros(n_g, dtype=torch.float64).index_add_(0, inv, err.double())
+    var_g = torch.zeros(n_g, dtype=torch.float64).index_add_(0, inv, var.double())
+    rng = np.random.default_rng(seed)
+    pick = torch.from_numpy(rng.integers(0, n_g, size=(n_boot, n_g)))
+    boots = (err_g[pick].sum(1) / var_g[pick].sum(1)).numpy()
+    alpha = (1 - level) / 2
+    return float(err.sum() / var.sum()), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
 
 
 def split_by_document(doc_ids: Sequence[int] | Tensor, test_fraction: float = 0.25, seed: int = 0) -> tuple[Tensor, Tensor]:

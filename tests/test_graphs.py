@@ -153,3 +153,18 @@ def test_bootstrap_auroc_on_perfect_and_reversed_scores():
     assert G.bootstrap_auroc(-np.arange(6.0), y, n_boot=200)[0] == 0.0
     with pytest.raises(ValueError):
         G.bootstrap_auroc(np.arange(3.0), np.ones(3, bool))
+
+
+def test_causal_rewire_keeps_out_degrees_and_causality():
+    rng = np.random.default_rng(6)
+    B = np.tril(rng.random((10, 10)) < 0.5, -1).astype(float)
+    R = G.causal_rewire(B, 2000, rng)
+    assert (R.sum(-1) == B.sum(-1)).all()
+    assert np.triu(R).sum() == 0
+    assert R.mean(0)[9, :9] == pytest.approx(np.full(9, B[9].sum() / 9), abs=0.05)   # uniform over visible keys
+    with pytest.raises(ValueError):
+        G.causal_rewire(np.ones((3, 3)), 2, rng)
+
+
+def test_select_dimension_survives_two_values():
+    assert G.select_dimension([5.0, 4.0, 1.0, 0.9], n_elbows=3)[0] == 2

@@ -184,3 +184,27 @@ def test_top_k_changes(model):
     after[I.token_id(model, " Rome")] += 10
     table = I.top_k_changes(model, before, after, k=3)
     assert table.iloc[0].token == " Rome" and table.iloc[0].change == "up"
+
+
+def test_run_until_stops_at_the_named_hook_with_the_same_values(model):
+    tokens = I.to_tokens(model, [EIFFEL, "Hello"])
+    mid, above = I.resid_name(model, 3), I.resid_name(model, 4)
+    seen = {}
+    keep = lambda name: (lambda act, hook=None: seen.__setitem__(name, act.detach().clone()))
+    I.run_until(model, tokens, mid, [(mid, keep(mid)), (above, keep(above))],
+                attention_mask=I.attention_mask(model, tokens))
+    assert above not in seen                                   # nothing above the stop ran
+    _, cache = I.run_with_cache(model, [EIFFEL, "Hello"], [mid])
+    assert torch.equal(seen[mid], cache[mid])
+    with pytest.raises(KeyError):
+        I.run_until(model, tokens, "blocks.999.hook_resid_pre")
+
+
+def test_module_input_stops_at_the_module():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    ran = []
+    net[2].register_forward_hook(lambda *a: ran.append(1))
+    wrapper = lambda x: net(x)
+    x = torch.randn(5, 3)
+    (got,) = I.module_input(lambda **kw: wrapper(kw["x"]), net[2], x=x)
+    assert torch.allclose(got, net[1](net[0](x))) and not ran

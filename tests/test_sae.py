@@ -14,6 +14,10 @@ def test_fvu_known_values():
     assert S.fvu(x, half) == pytest.approx(0.25)
     # the uncentred pitfall divides by sum ||x||^2 = 1+9+29+53 = 92 instead of 24
     assert S.fvu_uncentered(x, x.mean(0).expand_as(x)) == pytest.approx(24 / 92)
+    # per-dimension: dim 0 reconstructed exactly, dim 1 not at all -> mean of (0, 1) = 0.5; total ratio 4/24
+    x_hat = torch.stack([x[:, 0], x[:, 1].mean().expand(4)], 1)
+    assert S.fvu_per_dim(x, x_hat) == pytest.approx(0.5)
+    assert S.fvu(x, x_hat) == pytest.approx(4 / 24)
 
 
 def test_fvu_rejects_bad_input():
@@ -81,3 +85,10 @@ def test_concentration_and_top_indices():
     assert S.chance_concentration(["a"] * 10, 3) == 1.0
     scores = torch.tensor([[0.0, 5.0], [3.0, 1.0], [2.0, 4.0]])
     assert S.top_indices(scores, 2).tolist() == [[1, 2], [0, 2]]
+
+
+def test_fvu_difference_ci_known_value():
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [5.0, 2.0], [7.0, 2.0]])
+    half = x.mean(0) + 0.5 * (x - x.mean(0))
+    d, lo, hi = S.fvu_difference_ci(x, half, x, torch.tensor([0, 0, 1, 1]))
+    assert d == pytest.approx(0.25) and lo <= d <= hi
