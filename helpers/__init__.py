@@ -4,8 +4,19 @@
     helpers.setup(SEED, MODEL=MODEL, DEVICE=DEVICE, FAST=FAST)
     model = helpers.load_model(MODEL, device=DEVICE)
 
-Modules: env (paths, seeding), models (loading), interventions (hooks), plotting, results, toy.
+Three layers; a module imports only from its own layer or the ones above it in this list (tests check it):
+- infrastructure: paths (leaf), env, models, interventions, plotting, results, runner;
+- shared methods, one concept each: stats, probes, geometry, finetune, editing, toy, sae, graphs;
+- one experiment's code (imported by its notebook only): superposition (01), plateaus (02), linear_rep (03),
+  pause (05), function_vectors and lenses (06).
+Heavy libraries (transformers, TransformerLens, peft, scikit-learn) are imported lazily where they are used.
 """
+LAYERS: dict[str, tuple[str, ...]] = {
+    "infrastructure": ("paths", "env", "models", "interventions", "plotting", "results", "runner"),
+    "shared methods": ("stats", "probes", "geometry", "finetune", "editing", "toy", "sae", "graphs"),
+    "experiments": ("superposition", "plateaus", "linear_rep", "pause", "function_vectors", "lenses"),
+}
+
 from helpers import interventions, plotting, results, toy
 from helpers.env import DATA, FIGURES, IN_CI, IN_COLAB, ROOT, RUNS, setup
 from helpers.models import (

@@ -1,5 +1,6 @@
 """What a reader sees on the web: every committed notebook shows its figures inline, carries no local path,
-reports its measured cost, and has a regression baseline of its records (tests/baselines/)."""
+reports its measured cost, has a regression baseline of its records (tests/baselines/), and keeps code cells
+short enough to copy (at most 40 lines)."""
 import json
 import re
 import socket
@@ -71,3 +72,10 @@ def test_every_notebook_has_a_baseline(path):
     assert base.exists(), f"no regression baseline for {path.name}: run `make notebooks NB={path.stem[:2]}`"
     records = json.loads(base.read_text())["records"]
     assert records and all(r["kind"] in ("claim", "control", "check", "measurement") for r in records.values())
+
+
+@pytest.mark.parametrize("path", BOOKS, ids=lambda p: p.stem)
+def test_code_cells_are_short_enough_to_copy(path):
+    long = [(i, n) for i, c in enumerate(load(path)["cells"]) if c["cell_type"] == "code"
+            for n in [len("".join(c["source"]).splitlines())] if n > 40]
+    assert not long, f"code cells over 40 lines (cell index, lines): {long}; split them at a natural step"

@@ -1,5 +1,5 @@
-"""The helpers package is a tree: module-level imports between its modules form no circle, and the leaf
-`paths` imports nothing of the package."""
+"""The helpers package is a tree: module-level imports between its modules form no circle, the leaf
+`paths` imports nothing of the package, and the three layers of `helpers.LAYERS` are respected."""
 import ast
 from pathlib import Path
 
@@ -46,3 +46,21 @@ def test_no_import_circles():
 @pytest.mark.parametrize("leaf", ["helpers.paths", "helpers.stats"])
 def test_leaves_import_nothing_of_the_package(leaf):
     assert not list(import_graph().successors(leaf))
+
+
+def _layer_of() -> dict[str, int]:
+    return {f"helpers.{m}": i for i, mods in enumerate(helpers.LAYERS.values()) for m in mods}
+
+
+def test_every_module_sits_in_one_layer():
+    layer = _layer_of()
+    modules = {f"helpers.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert modules == set(layer), f"unlisted: {sorted(modules - set(layer))}, missing: {sorted(set(layer) - modules)}"
+    assert len(layer) == sum(len(m) for m in helpers.LAYERS.values()), "a module is listed in two layers"
+
+
+def test_imports_go_up_the_layers_and_experiments_stay_apart():
+    layer, graph, experiments = _layer_of(), import_graph(), len(helpers.LAYERS) - 1
+    for a, b in graph.edges:
+        assert layer[b] <= layer[a], f"{a} (layer {layer[a]}) imports {b} from a lower layer ({layer[b]})"
+        assert not (layer[a] == layer[b] == experiments), f"experiment module {a} imports experiment module {b}"
