@@ -332,17 +332,21 @@ def _frozen(model) -> Iterator[None]:
 
 
 def _adam_steps(model, prefix: Prefix, params: list[Tensor], steps: int, lr: float,
-                optimizer: str = "adam") -> list[float]:
-    """`steps` Adam (or plain SGD) steps on `params` (made trainable) against `prefix`'s loss; the loss before
-    every step, then the final loss."""
+                optimizer: str = "adam", stop_loss: float | None = None) -> list[float]:
+    """Up to `steps` Adam (or plain SGD) steps on `params` (made trainable) against `prefix`'s loss, stopping
+    before a step once the loss is at or below `stop_loss`; the loss before every step taken, then the final loss."""
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    if stop_loss is not None and not (isinstance(stop_loss, (int, float)) and stop_loss > 0):
+        raise ValueError(f"stop_loss must be a number > 0 or None, got {stop_loss!r}")
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
     losses = []
     for _ in range(steps):
         loss = prefix.loss(model)
+        if stop_loss is not None and loss.item() <= stop_loss:
+            break
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -353,10 +357,12 @@ def _adam_steps(model, prefix: Prefix, params: list[Tensor], steps: int, lr: flo
 
 
 def train_lora(model, prefix: Prefix, rank: int, layers: Sequence[int], types: Sequence[str], steps: int = 30,
-               lr: float = 1e-3, alpha: float = 16.0, seed: int = 0, use_rslora: bool = False) -> Update:
+               lr: float = 1e-3, alpha: float = 16.0, seed: int = 0, use_rslora: bool = False,
+               stop_loss: float | None = None) -> Update:
     """Fine-tune LoRA adapters (peft) of rank `rank` on the given matrices with Adam on `prefix`'s
-    next-token loss; return ΔW = (alpha / rank) B A per matrix (alpha / √rank with `use_rslora`, Kalajdzievski
-    2023) and the factors. The model is left as it was."""
+    next-token loss, for `steps` steps or until the loss reaches `stop_loss` (training to matched loss); return
+    ΔW = (alpha / rank) B A per matrix (alpha / √rank with `use_rslora`, Kalajdzievski 2023) and the factors.
+    The model is left as it was."""
     from peft import LoraConfig, inject_adapter_in_model
 
     layers, types = _check_train_args(model, prefix, layers, types, steps, lr)
@@ -368,7 +374,8 @@ def train_lora(model, prefix: Prefix, rank: int, layers: Sequence[int], types: S
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model, adapter_name="default")
         try:
-            losses = _adam_steps(model, prefix, [p for n, p in model.named_parameters() if "lora_" in n], steps, lr)
+            losses = _adam_steps(model, prefix, [p for n, p in model.named_parameters() if "lora_" in n], steps, lr,
+                                 stop_loss=stop_loss)
             with torch.no_grad():
                 deltas, A, B = {}, {}, {}
                 for name in names:
@@ -397,16 +404,18 @@ def _remove_lora(model, names: Sequence[str]) -> None:
 
 
 def train_full(model, prefix: Prefix, layers: Sequence[int], types: Sequence[str], steps: int = 30,
-               lr: float = 1e-4, seed: int = 0, optimizer: str = "adam") -> Update:
-    """Fine-tune the full matrices (Adam, or plain SGD with optimizer="sgd") on `prefix`'s loss; return
-    ΔW = W_after - W_before per matrix. The model's weights are restored afterwards."""
+               lr: float = 1e-4, seed: int = 0, optimizer: str = "adam", stop_loss: float | None = None) -> Update:
+    """Fine-tune the full matrices (Adam, or plain SGD with optimizer="sgd") on `prefix`'s loss, for `steps`
+    steps or until the loss reaches `stop_loss`; return ΔW = W_after - W_before per matrix. The model's weights
+    are restored afterwards."""
     layers, types = _check_train_args(model, prefix, layers, types, steps, lr)
     names = [module_name(model, l, t) for l in layers for t in types]
     before = {n: get_module(model, n).weight.detach().clone() for n in names}
     with _frozen(model):
         torch.manual_seed(seed)
         try:
-            losses = _adam_steps(model, prefix, [get_module(model, n).weight for n in names], steps, lr, optimizer)
+            losses = _adam_steps(model, prefix, [get_module(model, n).weight for n in names], steps, lr, optimizer,
+                                 stop_loss)
             deltas = {}
             for n in names:
                 d = (get_module(model, n).weight.detach() - before[n]).float()

@@ -336,3 +336,19 @@ def test_sgd_and_rslora_options(hf):
     assert sgd.losses[-1] < sgd.losses[0]
     with pytest.raises(ValueError):
         finetune.train_full(model, prefix, layers=[top], types=["mlp.down_proj"], steps=1, optimizer="rmsprop")
+
+
+def test_training_stops_at_the_target_loss(hf):
+    model, tok = hf
+    batch = finetune.make_batch(tok, ["The capital of France is"], [" Rome"])
+    top = model.config.num_hidden_layers - 1
+    prefix = finetune.Prefix(model, batch, top)
+    free = finetune.train_full(model, prefix, layers=[top], types=["mlp.down_proj"], steps=6, lr=0.01, optimizer="sgd")
+    assert free.losses[0] > free.losses[1] > free.losses[2] > free.losses[3]
+    target = free.losses[2]                                  # the loss after two steps of the same run
+    stopped = finetune.train_full(model, prefix, layers=[top], types=["mlp.down_proj"], steps=6, lr=0.01,
+                                  optimizer="sgd", stop_loss=target)
+    assert len(stopped.losses) == 3 and stopped.losses[-1] <= target    # two steps (a loss before each), the final loss
+    assert stopped.losses[:3] == pytest.approx(free.losses[:3])
+    with pytest.raises(ValueError):
+        finetune.train_lora(model, prefix, rank=1, layers=[top], types=["mlp.down_proj"], steps=1, stop_loss=-1.0)
