@@ -529,3 +529,83 @@ def graded_prompts(concepts: dict) -> dict[str, np.ndarray]:
                 rows += [(template.format(w), name, t, level) for w in words]
     prompt, concept, template, level = zip(*rows)
     return dict(prompt=np.array(prompt), concept=np.array(concept), template=np.array(template), level=np.array(level))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. causality: editing a subject with the LRE's low-rank inverse (Hernandez et al. 2023, sec. 4)
+
+
+def low_rank_pinv(weight: Tensor, rank: int) -> Tensor:
+    """The rank-`rank` pseudo-inverse of weight [d_out, d_in]: V_k diag(1/s_k) U_k^T, [d_in, d_out], from the
+    top `rank` singular values (Hernandez et al.'s LowRankPInvEditor; the full inverse is poorly conditioned)."""
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be a matrix, got shape {tuple(weight.shape)}")
+    if not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"rank must be in 1 .. {min(weight.shape)}, got {rank}")
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    return (vh[:rank].T @ torch.diag(1 / s[:rank]) @ u[:, :rank].T).to(weight.dtype)
+
+
+def edit_targets(answers: Sequence[int], candidates: Sequence[int] | None = None) -> list[int | None]:
+    """For each row i, the index j of the first row after it (cyclically) in `candidates` (default all rows)
+    whose answer differs from answers[i]; None when every candidate shares i's answer."""
+    answers = [int(a) for a in answers]
+    pool = list(range(len(answers))) if candidates is None else list(candidates)
+    out = []
+    for i, a in enumerate(answers):
+        start = next((k for k, j in enumerate(pool) if j > i), 0)
+        order = pool[start:] + pool[:start]
+        out.append(next((j for j in order if j != i and answers[j] != a), None))
+    return out
+
+
+def same_norm_random(deltas: Tensor, n: int, seed: int = 0) -> Tensor:
+    """n random directions per row of deltas [k, d], each scaled to that row's norm: [n, k, d]."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = unit(torch.randn(n, *deltas.shape, generator=g).to(deltas.dtype))
+    return dirs * deltas.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def edited_top(model, template: str, subjects: Sequence[str], layer: int, deltas: Tensor) -> Tensor:
+    """The model's top next token after ``template.format(subject_i)`` when deltas[i] is added to the subject's
+    last-token hidden state entering block `layer` (the model's own downstream computation does the rest): [n]."""
+    if deltas.shape != (len(subjects), model.cfg.d_model):
+        raise ValueError(f"need one delta [d_model] per subject, got shape {tuple(deltas.shape)}")
+    pos = [subject_position(model, template, s) for s in subjects]
+    fn, H, _ = hidden_to_output_batch(model, [template.format(s) for s in subjects], layer, pos)
+    return decode_top(model, fn(H + deltas.to(H.dtype)))
+
+
+def lre_causality(model, template: str, weight: Tensor, layer: int, sources: Sequence[str],
+                  targets: Sequence[str], rank: int, n_random: int = 0, seed: int = 0) -> dict:
+    """Hernandez et al.'s causality: edit each source subject's hidden state s -> s + W_k^+ (o' - o), with o and o'
+    the last-layer states (last position) of the source and its target subject, and count a success when the
+    model's top next token becomes the target's own answer. `targets[i]` is source i's target subject (its answer
+    should differ). With `n_random`, the null: the same edit norm in `n_random` random directions per pair.
+
+    Returns dict(hits, n, random_hits, random_n, edit_norm (mean ||delta||), hit [n] bool array)."""
+    if len(sources) != len(targets) or len(sources) == 0:
+        raise ValueError(f"need one target per source, and at least one (got {len(sources)}, {len(targets)})")
+    _, z_src = subject_states(model, template, list(sources), [layer])
+    _, z_tgt = subject_states(model, template, list(targets), [layer])
+    want = decode_top(model, z_tgt)
+    deltas = (z_tgt - z_src) @ low_rank_pinv(weight, rank).T
+    hit = edited_top(model, template, sources, layer, deltas) == want
+    out = dict(hits=int(hit.sum()), n=len(sources), random_hits=0, random_n=0,
+               edit_norm=float(deltas.norm(dim=-1).mean()), hit=hit.numpy())
+    if n_random:
+        rand = same_norm_random(deltas, n_random, seed).reshape(-1, deltas.shape[-1])
+        top = edited_top(model, template, list(sources) * n_random, layer, rand)
+        out.update(random_hits=int((top == want.repeat(n_random)).sum()), random_n=len(top))
+    return out
+
+
+def choose_rank(model, template: str, weight: Tensor, layer: int, sources: Sequence[str], targets: Sequence[str],
+                ranks: Sequence[int]) -> tuple[int, list[float]]:
+    """The rank (from `ranks`) with the highest causality on the given (validation) pairs, the smallest on ties;
+    and the causality of every rank."""
+    if len(ranks) == 0:
+        raise ValueError("ranks is empty")
+    scores = [lre_causality(model, template, weight, layer, sources, targets, r)["hits"] / len(sources) for r in ranks]
+    return int(ranks[int(np.argmax(scores))]), scores

@@ -106,12 +106,14 @@ def fit_kmeans(x: Tensor, k: int, seed: int = 0, batch_size: int = 2048, max_ite
     """Centroids [k, d] of scikit-learn's MiniBatchKMeans on x (k-means++ init; at most `max_iter` epochs,
     stopping after 3 batches without improvement)."""
     from sklearn.cluster import MiniBatchKMeans
+    from threadpoolctl import threadpool_limits
 
     x = _check_2d(x)
     if not 1 <= k <= x.shape[0]:
         raise ValueError(f"k must be in [1, n_tokens={x.shape[0]}], got {k}")
     km = MiniBatchKMeans(k, random_state=seed, batch_size=batch_size, n_init=1, max_iter=max_iter, max_no_improvement=3)
-    km.fit(x.numpy())
+    with threadpool_limits(torch.get_num_threads()):   # OpenMP would take every core (and crawl when they are shared)
+        km.fit(x.numpy())
     return torch.from_numpy(km.cluster_centers_).float()
 
 

@@ -282,3 +282,47 @@ def test_lre_layer_sweep_on_the_real_model(model):
     assert row["lre_train"] == 1.0 and row["lre_val"] == 1.0 and row["lre_hits"] >= 1 and row["identity"] == 0.0
     with pytest.raises(ValueError, match="at least one"):
         LR.lre_layer_sweep(model, tpl, train, [], [mid])
+
+
+# ---------------------------------------------------------------------------------------------
+# causality (Hernandez et al. sec. 4): the low-rank inverse edit
+def test_low_rank_pinv_edit_of_a_linear_map_reaches_the_target_exactly():
+    g = torch.Generator().manual_seed(5)
+    d, k = 12, 4
+    W = torch.randn(d, k, generator=g, dtype=torch.float64) @ torch.randn(k, d, generator=g, dtype=torch.float64)
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    f = lambda h: h @ W.T + b                                     # a rank-k affine "relation"
+    h, h_target = torch.randn(2, d, generator=g, dtype=torch.float64)
+    delta = (f(h_target) - f(h)) @ LR.low_rank_pinv(W, k).T       # o' - o lies in W's range: the edit is exact
+    assert torch.allclose(f(h + delta), f(h_target), atol=1e-9)
+    full = torch.randn(d, d, generator=g, dtype=torch.float64)    # full rank: rank d is the inverse
+    assert torch.allclose(LR.low_rank_pinv(full, d), torch.linalg.inv(full), atol=1e-8)
+    # random directions of the same norm do not reach it
+    rand = LR.same_norm_random(delta[None], 20, seed=1)[:, 0]
+    assert torch.allclose(rand.norm(dim=-1), delta.norm().expand(20))
+    miss = (f(h + rand) - f(h_target)).norm(dim=-1)
+    assert (miss > 0.1 * (f(h_target) - f(h)).norm()).all()
+    # a lower rank keeps only the top singular directions: it no longer reaches the target
+    assert not torch.allclose(f(h + (f(h_target) - f(h)) @ LR.low_rank_pinv(W, 1).T), f(h_target), atol=1e-3)
+    with pytest.raises(ValueError, match="rank"):
+        LR.low_rank_pinv(W, d + 1)
+
+
+def test_edit_targets_pick_a_row_with_another_answer():
+    assert LR.edit_targets([1, 1, 2, 3]) == [2, 2, 3, 0]
+    assert LR.edit_targets([7, 7]) == [None, None]
+    assert LR.edit_targets([1, 2, 1], candidates=[1]) == [1, None, 1]
+
+
+def test_edit_with_zero_delta_is_the_model_and_causality_counts(model):
+    tpl, layer = "The capital of {} is", model.cfg.n_layers // 5
+    subjects = ["France", "Japan"]
+    _, z = LR.subject_states(model, tpl, subjects, [layer])
+    own = LR.decode_top(model, z)
+    assert torch.equal(LR.edited_top(model, tpl, subjects, layer, torch.zeros(2, model.cfg.d_model)), own)
+    W = torch.eye(model.cfg.d_model)                               # any weight: only the bookkeeping is tested
+    out = LR.lre_causality(model, tpl, W, layer, subjects, subjects[::-1], rank=8, n_random=3, seed=0)
+    assert out["n"] == 2 and out["random_n"] == 6 and 0 <= out["hits"] <= 2 and 0 <= out["random_hits"] <= 6
+    assert out["hit"].shape == (2,) and out["edit_norm"] > 0
+    with pytest.raises(ValueError, match="one target per source"):
+        LR.lre_causality(model, tpl, W, layer, subjects, subjects[:1], rank=8)
