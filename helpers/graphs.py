@@ -4,6 +4,7 @@ embeddings (ASE, omnibus), the Zhu-Ghodsi elbow, a latent-distribution two-sampl
     from helpers import graphs as G
     A = G.crop_patterns(pattern, mask)[0]             # [heads, n, n] one prompt, padding dropped
     dims = G.elbow_dimension(np.linalg.svd(A[:, 1:, 1:], compute_uv=False))   # Zhu & Ghodsi 2006
+    stat, p = G.latent_distribution_test(A[0, 1:, 1:], A[1, 1:, 1:], d=2)       # Tang et al. 2017
 
 Conventions: a pattern A has rows = queries, columns = keys, lower-triangular, rows summing to 1; index 0 is
 the BOS token. Graph statistics other than `sink_mass` and `attention_entropy` use the graph without BOS.
@@ -85,24 +86,27 @@ def density(B: np.ndarray) -> np.ndarray:
     return np.tril(B, -1).sum((-1, -2)) / (m * (m - 1) / 2)
 
 
-def er_causal(m: int, p: float, size: int, rng: np.random.Generator) -> np.ndarray:
-    """`size` Erdos-Renyi causal graphs: each pair j < i an edge i -> j with probability p. [size, m, m]."""
-    if not 0 <= p <= 1:
+def er_causal(m: int, p, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`size` Erdos-Renyi causal graphs per edge probability: each pair j < i is an edge i -> j with
+    probability p. A scalar p gives [size, m, m]; an array p gives [*p.shape, size, m, m]."""
+    p = np.asarray(p, dtype=float)
+    if ((p < 0) | (p > 1)).any():
         raise ValueError(f"p must be in [0, 1], got {p}")
-    return (rng.random((size, m, m)) < p) * np.tril(np.ones((m, m)), -1)
+    u = rng.random(p.shape + (size, m, m))
+    return (u < p[..., None, None, None]) * np.tril(np.ones((m, m)), -1)
 
 
 def causal_rewire(B: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """`size` random causal graphs with the out-degree of every query of B kept: query i's k_i edges go to
-    k_i keys drawn uniformly without replacement among keys 0..i-1. [size, m, m] (B is one [m, m] graph)."""
+    k_i keys drawn uniformly without replacement among keys 0..i-1. B [..., m, m] gives [..., size, m, m]."""
     B = _as_square(B, "B")
-    if B.ndim != 2 or np.triu(B).any():
-        raise ValueError("B must be one strictly lower-triangular [m, m] graph")
-    m = B.shape[0]
-    k = B.sum(1)
-    scores = np.where(np.tril(np.ones((m, m), bool), -1), rng.random((size, m, m)), -np.inf)
+    if np.triu(B).any():
+        raise ValueError("B must be strictly lower-triangular (causal, no self-loops)")
+    m = B.shape[-1]
+    k = B.sum(-1)[..., None, :, None]                                   # [..., 1, m, 1]
+    scores = np.where(np.tril(np.ones((m, m), bool), -1), rng.random(B.shape[:-2] + (size, m, m)), -np.inf)
     ranks = np.argsort(np.argsort(-scores, axis=-1), axis=-1)
-    return (ranks < k[:, None]).astype(float)
+    return (ranks < k).astype(float)
 
 
 def in_degree(B: np.ndarray) -> np.ndarray:
@@ -261,21 +265,23 @@ def energy_distance(X: np.ndarray, Y: np.ndarray) -> float:
 
 
 def energy_test(X: np.ndarray, Y: np.ndarray, n_perm: int = 500, seed: int = 0) -> tuple[float, float]:
-    """(energy distance, permutation p) for H0: X and Y are samples of one distribution."""
+    """(energy distance, permutation p) for H0: X and Y are samples of one distribution (p counts the
+    observed split among n_perm + 1)."""
     X, Y = np.atleast_2d(np.asarray(X, float)), np.atleast_2d(np.asarray(Y, float))
     if len(X) < 2 or len(Y) < 2 or X.shape[1] != Y.shape[1]:
         raise ValueError(f"need two samples of >= 2 points of one dimension, got {X.shape}, {Y.shape}")
     Z = np.concatenate([X, Y])
     D = np.linalg.norm(Z[:, None] - Z[None], axis=-1)
-    a, rng = len(X), np.random.default_rng(seed)
-
-    def stat(idx):
-        i, j = idx[:a], idx[a:]
-        return 2 * D[np.ix_(i, j)].mean() - D[np.ix_(i, i)].mean() - D[np.ix_(j, j)].mean()
-
-    obs = stat(np.arange(len(Z)))
-    null = np.array([stat(rng.permutation(len(Z))) for _ in range(n_perm)])
-    return float(obs), float((1 + (null >= obs - 1e-12).sum()) / (1 + n_perm))
+    a, b, rng = len(X), len(Y), np.random.default_rng(seed)
+    splits = np.zeros((n_perm + 1, len(Z)))
+    splits[0, :a] = 1
+    for r in range(n_perm):
+        splits[r + 1, rng.permutation(len(Z))[:a]] = 1
+    DG = splits @ D                                                     # [splits, N]
+    xx, yy = (DG * splits).sum(1), ((D.sum(0) - DG) * (1 - splits)).sum(1)
+    xy = (DG * (1 - splits)).sum(1)
+    stat = 2 * xy / (a * b) - xx / a ** 2 - yy / b ** 2
+    return float(stat[0]), float((stat >= stat[0] - 1e-12).sum() / (n_perm + 1))
 
 
 def latent_distribution_test(A1: np.ndarray, A2: np.ndarray, d: int, n_perm: int = 500,
@@ -289,7 +295,7 @@ def latent_distribution_test(A1: np.ndarray, A2: np.ndarray, d: int, n_perm: int
 
 
 # ---------------------------------------------------------------------------------------------
-# head scores, LapEigvals, ranks
+# head scores, LapEigvals (ranks of matrices: helpers.geometry)
 def previous_token_score(A: np.ndarray) -> np.ndarray:
     """Mean attention from query i to key i-1 over queries 2.. (not the query right after BOS): [...]."""
     A = _as_square(A)
@@ -318,26 +324,6 @@ def lap_eigvals(A: np.ndarray, k: int) -> np.ndarray:
     deg = A.sum(-2) / (n - np.arange(n))
     ev = deg - np.diagonal(A, axis1=-2, axis2=-1)
     return -np.sort(-ev, axis=-1)[..., :k]
-
-
-def effective_rank(M: np.ndarray) -> float:
-    """exp(entropy of the normalised singular values) (Roy & Vetterli 2007): n for an isotropic matrix of
-    rank n, 1 for rank one."""
-    s = np.linalg.svd(np.asarray(M, float), compute_uv=False)
-    if s.sum() <= 0:
-        raise ValueError("effective rank of a zero matrix is undefined")
-    p = s / s.sum()
-    p = p[p > 0]
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
-def numerical_rank(M: np.ndarray, rtol: float | None = None) -> int:
-    """Number of singular values above rtol x the largest (default max(shape) x float32 eps, since our
-    weights are float32)."""
-    M = np.asarray(M, float)
-    s = np.linalg.svd(M, compute_uv=False)
-    rtol = max(M.shape) * np.finfo(np.float32).eps if rtol is None else rtol
-    return int((s > rtol * s.max()).sum()) if s.max() > 0 else 0
 
 
 def sbm(sizes: Sequence[int], B: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
