@@ -8,7 +8,7 @@ FAST   ?= 1
 ARGS   ?=
 JOBS   ?= 2
 
-.PHONY: run test lab bench notebooks install clean-venv
+.PHONY: run test browser-test lab bench notebooks install clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ run: $(STAMP)
 ## Each notebook's records are compared with tests/baselines/ (a flipped verdict or a moved number fails).
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(ARGS)
+
+## Only the browser test: JupyterLab in headless Chromium, each explorer's sliders moved (`make test` runs it too).
+## Needs a Chromium from the system (.ci/install_browser.sh installs Debian's); without one it is skipped.
+browser-test: $(STAMP)
+	$(BIN)/python -m pytest tests/test_browser.py $(ARGS)
 
 ## JupyterLab with the workbook's environment as its kernel.
 lab: $(STAMP)
