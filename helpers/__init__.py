@@ -7,8 +7,9 @@
 Three layers; a module imports only from its own layer or the ones above it in this list (tests check it):
 - infrastructure: paths (leaf), env, models, interventions, plotting, results, runner;
 - shared methods, one concept each: stats, probes, geometry, finetune, editing, toy, sae, graphs;
-- one experiment's code (imported by its notebook only): superposition (01), plateaus (02), linear_rep (03),
-  pause (05), function_vectors and lenses (06).
+- one experiment's code, written for its notebook: superposition (01), plateaus (02), linear_rep (03),
+  pause (05), function_vectors and lenses (06). Later notebooks may reuse it (07 perturbs SAE directions with
+  plateaus' perturbation curves), but no experiment module imports another.
 Heavy libraries (transformers, TransformerLens, peft, scikit-learn) are imported lazily where they are used.
 """
 LAYERS: dict[str, tuple[str, ...]] = {

@@ -102,7 +102,7 @@ def pca_reconstruct(x: Tensor, pca: tuple[Tensor, Tensor], k: int) -> Tensor:
     return mu + (_check_2d(x) - mu) @ vk @ vk.T
 
 
-def fit_kmeans(x: Tensor, k: int, seed: int = 0, batch_size: int = 2048, max_iter: int = 10) -> Tensor:
+def fit_kmeans(x: Tensor, k: int, seed: int = 0, batch_size: int = 2048, max_iter: int = 5) -> Tensor:
     """Centroids [k, d] of scikit-learn's MiniBatchKMeans on x (k-means++ init; at most `max_iter` epochs,
     stopping after 3 batches without improvement)."""
     from sklearn.cluster import MiniBatchKMeans
@@ -297,20 +297,28 @@ def pad_left(model, seqs: Sequence[Tensor]) -> Tensor:
 @torch.no_grad()
 def cache_corpus(model, texts: Sequence[str], layers: Sequence[int], max_len: int = 128, batch_size: int = 16) -> Cache:
     """One pass (blocks after max(layers) skipped) over `texts`, batched by length, keeping every token after BOS."""
-    from helpers import plateaus as P
+    from helpers import interventions as I
 
+    layers = [I.check_layer(model, int(layer), allow_final=True) for layer in layers]
+    names = [I.resid_name(model, layer) for layer in layers]
+    store: dict[str, Tensor] = {}
+    hooks = [(n, lambda act, hook=None, n=n: store.__setitem__(n, act.detach())) for n in names]
     seqs = doc_tokens(model, texts, max_len)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     acts, token, doc, pos = [], [], [], []
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        acts.append(P.activations_at(model, pad_left(model, [seqs[i] for i in rows]), list(layers), pos=None,
-                                     batch_size=batch_size).float().cpu())
+        tokens = pad_left(model, [seqs[i] for i in rows])
+        mask = I.attention_mask(model, tokens).bool()
+        after_bos = mask.clone()
+        after_bos[torch.arange(len(mask)), mask.float().argmax(1)] = False
+        I.run_until(model, tokens, names[layers.index(max(layers))], fwd_hooks=hooks, attention_mask=mask.long())
+        acts.append(torch.stack([store[n][after_bos] for n in names]).float().cpu())   # row by row, in order
         for i in rows:
             token.append(seqs[i][1:])
             doc.append(torch.full((len(seqs[i]) - 1,), i))
             pos.append(torch.arange(1, len(seqs[i])))
-    return Cache(list(layers), torch.cat(acts, 1), torch.cat(token), torch.cat(doc), torch.cat(pos))
+    return Cache(layers, torch.cat(acts, 1), torch.cat(token), torch.cat(doc), torch.cat(pos))
 
 
 @torch.no_grad()
