@@ -41,6 +41,14 @@ def one_thread() -> AbstractContextManager[None]:
     return torch_threads(1)
 
 
+def unit(x: Tensor, dim: int = -1) -> Tensor:
+    """x scaled to unit Euclidean norm along `dim` (a zero vector raises)."""
+    norm = x.norm(dim=dim, keepdim=True)
+    if (norm == 0).any():
+        raise ValueError("cannot normalise a zero vector")
+    return x / norm
+
+
 class Svd(NamedTuple):
     """A thin SVD m = U diag(S) Vh (float32, CPU), computed once and passed to the functions below
     in place of the matrix (singular_values, effective_rank, left/right_vectors, max_cosines ...)."""

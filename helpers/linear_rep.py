@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from helpers import interventions as I
+from helpers.geometry import unit
 from helpers.probes import mean_difference  # noqa: F401  (re-exported)
 
 # ---------------------------------------------------------------------------------------------
@@ -63,14 +64,6 @@ def pair_differences(vectors: Tensor, base_ids: Sequence[int], target_ids: Seque
     if len(base_ids) != len(target_ids) or len(base_ids) == 0:
         raise ValueError(f"need as many base ids as target ids, and at least one (got {len(base_ids)}, {len(target_ids)})")
     return vectors[list(target_ids)] - vectors[list(base_ids)]
-
-
-def unit(x: Tensor, dim: int = -1) -> Tensor:
-    """x scaled to unit Euclidean norm along `dim` (a zero vector raises)."""
-    norm = x.norm(dim=dim, keepdim=True)
-    if (norm == 0).any():
-        raise ValueError("cannot normalise a zero vector")
-    return x / norm
 
 
 def concept_direction(diffs: Tensor) -> Tensor:

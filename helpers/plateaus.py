@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from helpers import interventions as I
+from helpers.geometry import unit
 from helpers.probes import single_threaded as _one_thread
 
 # ---------------------------------------------------------------------------------------------
@@ -70,14 +71,6 @@ def _check_activations(model, activations: Tensor) -> Tensor:
     if not torch.isfinite(activations).all():
         raise ValueError("activations contain NaN or inf")
     return activations
-
-
-def unit(v: Tensor) -> Tensor:
-    """`v` scaled to unit L2 norm along the last dimension; raises on a zero vector."""
-    norms = v.norm(dim=-1, keepdim=True)
-    if (norms == 0).any():
-        raise ValueError("cannot normalise a zero vector")
-    return v / norms
 
 
 # ---------------------------------------------------------------------------------------------
