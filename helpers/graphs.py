@@ -22,6 +22,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from helpers.probes import single_threaded   # small BLAS calls: threads only wait on a shared CPU
+from helpers.stats import bootstrap_auroc  # noqa: F401  (notebook 11 reads it here; it lives with the statistics)
 
 
 def _as_square(A: np.ndarray, name: str = "A") -> np.ndarray:
@@ -342,7 +343,7 @@ def sbm(sizes: Sequence[int], B: np.ndarray, rng: np.random.Generator) -> tuple[
 
 
 # ---------------------------------------------------------------------------------------------
-# model plumbing and probe statistics
+# model plumbing
 def attention_patterns(model, tokens, batch_size: int = 8) -> np.ndarray:
     """Every layer's attention pattern for a [batch, pos] token tensor WITHOUT padding (every row real, BOS
     first): float32 [batch, layers, heads, pos, pos]. For padded prompts use `crop_patterns` per batch."""
@@ -359,19 +360,3 @@ def attention_patterns(model, tokens, batch_size: int = 8) -> np.ndarray:
         _, cache = I.run_with_cache(model, tokens[s:s + batch_size], names)
         out.append(torch.stack([cache[n] for n in names], 1).float().cpu().numpy())
     return np.concatenate(out)
-
-
-def bootstrap_auroc(scores: Sequence[float], labels: Sequence[bool], n_boot: int = 2000,
-                    seed: int = 0) -> tuple[float, float, float]:
-    """(AUROC, low, high): AUROC with a 95% percentile bootstrap over items (resamples with one class skipped)."""
-    from sklearn.metrics import roc_auc_score
-
-    s, y = np.asarray(scores, float), np.asarray(labels, bool)
-    if s.shape != y.shape or y.all() or not y.any():
-        raise ValueError("need equal-length scores and labels with both classes present")
-    rng, boots = np.random.default_rng(seed), []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        if y[i].any() and not y[i].all():
-            boots.append(roc_auc_score(y[i], s[i]))
-    return float(roc_auc_score(y, s)), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))

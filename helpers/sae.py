@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from helpers.stats import bootstrap_ratio_ci
+
 
 def _check_2d(x: Tensor, name: str = "x") -> Tensor:
     if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[0] < 2:
@@ -62,11 +64,7 @@ def fvu_difference_ci(x: Tensor, x_hat_a: Tensor, x_hat_b: Tensor, groups: Tenso
     n_g = int(inv.max()) + 1
     err_g = torch.zeros(n_g, dtype=torch.float64).index_add_(0, inv, err.double())
     var_g = torch.zeros(n_g, dtype=torch.float64).index_add_(0, inv, var.double())
-    rng = np.random.default_rng(seed)
-    pick = torch.from_numpy(rng.integers(0, n_g, size=(n_boot, n_g)))
-    boots = (err_g[pick].sum(1) / var_g[pick].sum(1)).numpy()
-    alpha = (1 - level) / 2
-    return float(err.sum() / var.sum()), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+    return bootstrap_ratio_ci(err_g.numpy(), var_g.numpy(), n_boot=n_boot, level=level, seed=seed)   # Σ err / Σ var
 
 
 def split_by_document(doc_ids: Sequence[int] | Tensor, test_fraction: float = 0.25, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -310,8 +308,7 @@ def cache_corpus(model, texts: Sequence[str], layers: Sequence[int], max_len: in
         rows = order[start:start + batch_size]
         tokens = pad_left(model, [seqs[i] for i in rows])
         mask = I.attention_mask(model, tokens).bool()
-        after_bos = mask.clone()
-        after_bos[torch.arange(len(mask)), mask.float().argmax(1)] = False
+        after_bos = I.position_mask(mask, I.AFTER_BOS)
         I.run_until(model, tokens, names[layers.index(max(layers))], fwd_hooks=hooks, attention_mask=mask.long())
         acts.append(torch.stack([store[n][after_bos] for n in names]).float().cpu())   # row by row, in order
         for i in rows:
@@ -330,8 +327,7 @@ def spliced_loss(model, seqs: Sequence[Tensor], layer: int, replace=None) -> tup
 
     tokens = pad_left(model, seqs)
     mask = I.attention_mask(model, tokens).bool()
-    after_bos = mask.clone()
-    after_bos[torch.arange(len(mask)), mask.float().argmax(1)] = False
+    after_bos = I.position_mask(mask, I.AFTER_BOS)
 
     def hook(resid: Tensor, hook=None) -> Tensor:
         out = resid.clone()

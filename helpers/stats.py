@@ -145,3 +145,18 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     if y.all() or not y.any():
         raise ValueError("need at least one positive and one negative")
     return float(roc_auc_score(y, s))
+
+
+def bootstrap_auroc(scores: Sequence[float], labels: Sequence[bool], n_boot: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """(AUROC, low, high): AUROC with a 95% percentile bootstrap over items (resamples with one class skipped)."""
+    s, y = np.asarray(scores, float), np.asarray(labels, bool)
+    if s.shape != y.shape:
+        raise ValueError("scores and labels must have the same length")
+    auc = auroc(s, y)                                  # raises unless both classes are present
+    rng, boots = np.random.default_rng(seed), []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        if y[i].any() and not y[i].all():
+            boots.append(auroc(s[i], y[i]))
+    return auc, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))

@@ -33,3 +33,12 @@ def test_clustered_se_counts_clusters_not_rows():
     clustered = stats.clustered_se(values, clusters)
     assert clustered > 2.5 * naive                        # ~sqrt(10) wider
     assert clustered == pytest.approx(stats.standard_error(item) * np.sqrt(29 / 30), rel=0.05)
+
+
+def test_bootstrap_auroc_on_perfect_and_reversed_scores():
+    y = np.array([0, 0, 0, 1, 1, 1], bool)
+    auc, lo, hi = stats.bootstrap_auroc(np.arange(6.0), y, n_boot=200)
+    assert auc == 1.0 and lo == 1.0
+    assert stats.bootstrap_auroc(-np.arange(6.0), y, n_boot=200)[0] == 0.0
+    with pytest.raises(ValueError):
+        stats.bootstrap_auroc(np.arange(3.0), np.ones(3, bool))
