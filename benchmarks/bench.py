@@ -2,9 +2,12 @@
 
 Measures, each in a fresh subprocess so times and peak memory are not polluted by earlier steps:
 1. cold load (dequantizing the GGUF into an empty cache) vs cached load of the default model;
-2. forward throughput (tokens/s) at one batch shape: raw transformers, the TransformerLens bridge,
-   `run_with_cache` with a names filter (the residual stream of every layer), and with no filter;
-3. the wall time and peak memory of each notebook (papermill, default parameters).
+2. forward throughput (tokens/s) at one batch shape, round robin so machine noise hits every row alike: raw
+   transformers (SDPA and eager attention), the TransformerLens bridge, `run_with_cache` with a names filter,
+   a steering and a patching forward through `helpers.interventions`, the same reads and steering as plain
+   forward hooks on the Hugging Face modules, and nnsight (optional: `pip install nnsight`);
+3. one representative sweep (a perturbation curve) batched vs one forward pass per point;
+4. the wall time and peak memory of each notebook (papermill, default parameters).
 Prints a markdown table to paste into the README's performance section.
 """
 from __future__ import annotations
@@ -40,27 +43,92 @@ THROUGHPUT_SNIPPET = """
 import json, resource, statistics, time, torch
 import helpers
 from helpers import interventions as I
-helpers.setup(0)
+helpers.setup(0, quiet=True)
 BATCH, SEQ, REPEATS = {batch}, {seq}, {repeats}
-hf, _ = helpers.load_hf()
+hf, _ = helpers.load_hf()                      # the raw Hugging Face model (SDPA attention)
+hf_eager, _ = helpers.load_hf()
+hf_eager.config._attn_implementation = "eager"  # the attention the bridge reimplements step by step
 bridge = helpers.load_model(verbose=False)
 tokens = torch.randint(100, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-names = [I.resid_name(bridge, l) for l in range(bridge.cfg.n_layers + 1)]
+n = bridge.cfg.n_layers
+names = [I.resid_name(bridge, l) for l in range(n + 1)]
+vec = torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(1))
+mid = n // 2
+_, cache = bridge.run_with_cache(tokens, names_filter=lambda x: x == names[mid])
+source = {{names[mid]: cache[names[mid]]}}
+
+def hf_read_all():
+    store = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a: store.append(a[0])) for layer in hf.model.layers]
+    try:
+        return hf(tokens).logits, store
+    finally:
+        for h in hooks: h.remove()
+
+def hf_steer():
+    h = hf.model.layers[mid].register_forward_pre_hook(lambda m, a: (a[0] + vec,) + tuple(a[1:]))
+    try:
+        return hf(tokens).logits
+    finally:
+        h.remove()
+
 runs = {{
-    "transformers (raw HF model)": lambda: hf(tokens).logits,
+    "transformers (raw HF model, SDPA attention)": lambda: hf(tokens).logits,
+    "transformers, eager attention": lambda: hf_eager(tokens).logits,
     "TransformerLens bridge": lambda: bridge(tokens),
-    "run_with_cache, names filter (resid, all layers)": lambda: bridge.run_with_cache(tokens, names_filter=lambda n: n in names),
-    "run_with_cache, every hook": lambda: bridge.run_with_cache(tokens),
+    "bridge run_with_cache, names filter (resid, all layers)": lambda: bridge.run_with_cache(tokens, names_filter=lambda x: x in names),
+    "bridge steering: interventions.add_vector at one layer": lambda: I.add_vector(bridge, tokens, vec, mid, return_pos=None),
+    "bridge patching: interventions.patch of one layer's resid": lambda: I.patch(bridge, tokens, source, return_pos=None),
+    "HF forward hooks: read every layer's resid": hf_read_all,
+    "HF forward hook: steer one layer": hf_steer,
 }}
-out = {{}}
+try:
+    from nnsight import NNsight
+    nn_model = NNsight(hf)
+    def nnsight_read_all():
+        with nn_model.trace(tokens):
+            outs = list().save()
+            for i in range(n):
+                outs.append(nn_model.model.layers[i].output)
+            logits = nn_model.lm_head.output.save()
+        return logits, outs
+    def nnsight_steer():
+        with nn_model.trace(tokens):
+            nn_model.model.layers[mid].output[:] += vec
+            logits = nn_model.lm_head.output.save()
+        return logits
+    runs["nnsight trace saving every layer's output"] = nnsight_read_all
+    runs["nnsight trace, one in-place steering"] = nnsight_steer
+except ImportError:  # nnsight is an optional benchmark dependency: pip install nnsight
+    pass
+times = {{label: [] for label in runs}}
 with torch.no_grad():
-    for label, fn in runs.items():
+    for fn in runs.values():
         fn()  # warm up
-        times = []
-        for _ in range(REPEATS):
-            t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
-        out[label] = BATCH * SEQ / statistics.median(times)
+    for _ in range(REPEATS):  # round robin, so a slow moment of the machine hits every row alike
+        for label, fn in runs.items():
+            t0 = time.perf_counter(); fn(); times[label].append(time.perf_counter() - t0)
+out = {{label: BATCH * SEQ / statistics.median(t) for label, t in times.items()}}
 print(json.dumps({{"tokens_per_s": out, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+SWEEP_SNIPPET = """
+import json, time, torch
+import helpers
+from helpers import plateaus
+helpers.setup(0, quiet=True)
+model = helpers.load_model(verbose=False)
+prompt = "The capital of France is the city of"
+dirs = torch.nn.functional.normalize(torch.randn(8, model.cfg.d_model, generator=torch.Generator().manual_seed(0)), dim=-1)
+steps = torch.linspace(0, 40, 12)
+def timed(**kw):
+    t0 = time.perf_counter(); out = plateaus.perturbation_curve(model, prompt, 6, dirs, steps, **kw)
+    return time.perf_counter() - t0, out["kl"]
+timed(batch_size=4)  # warm up
+loop_s, kl_loop = timed(batch_size=1, method="full")  # one forward pass of the whole prompt per point
+batched_s, kl_batched = timed()  # every point in one batch, the prompt's prefix shared by a key/value cache
+print(json.dumps({{"points": int(dirs.shape[0] * steps.shape[0]), "loop_s": loop_s, "batched_s": batched_s,
+                  "max_kl_difference": float((kl_loop - kl_batched).abs().max())}}))
 """
 
 
@@ -120,9 +188,17 @@ def main() -> None:
 
     tp = run_python(THROUGHPUT_SNIPPET.format(batch=args.batch, seq=args.seq, repeats=args.repeats))
     report["throughput"] = tp
+    raw = next(iter(tp["tokens_per_s"].values()))
+    print(f"\n| forward pass, {args.batch} x {args.seq} tokens, median of {args.repeats} | tokens/s | time / raw |\n|---|---|---|")
     for label, value in tp["tokens_per_s"].items():
-        print(f"| forward {args.batch}x{args.seq} tokens: {label} | {value:,.0f} tokens/s |")
-    print(f"| peak memory, throughput process (HF model + bridge) | {tp['peak_mb']:.0f} MB |")
+        print(f"| {label} | {value:,.0f} | {raw / value:.2f}x |")
+    print(f"| peak memory, throughput process (two HF models + bridge) | {tp['peak_mb']:.0f} MB | |")
+    sweep = run_python(SWEEP_SNIPPET.format())
+    report["batched_sweep"] = sweep
+    print(f"\n| perturbation sweep, {sweep['points']} points (plateaus.perturbation_curve) | seconds |\n|---|---|")
+    print(f"| one forward pass per point | {sweep['loop_s']:.1f} |")
+    print(f"| batched, prefix shared by a key/value cache | {sweep['batched_s']:.1f} |")
+    print(f"| speed-up | {sweep['loop_s'] / sweep['batched_s']:.1f}x (max KL difference {sweep['max_kl_difference']:.1e}) |")
 
     if not args.skip_notebooks:
         sys.path.insert(0, str(ROOT))
