@@ -269,12 +269,13 @@ def resolve(name: str) -> tuple[str, Path | str, str]:
 
 def load_hf(
     name: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None,
-    random_weights: bool = False, seed: int = 0,
+    random_weights: bool = False, seed: int = 0, add_bos_token: bool | None = None,
 ) -> tuple[Any, Any]:
     """The raw Hugging Face (model, tokenizer) behind `load_model`: unprocessed weights, e.g. for peft.
 
     With random_weights=True the same architecture is built from its config with the library's own
-    random initialisation (seeded): the standard "untrained model" control.
+    random initialisation (seeded): the standard "untrained model" control. add_bos_token=True loads the
+    tokenizer the bridge uses (TransformerLens would otherwise read the tokenizer files a second time).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -282,7 +283,10 @@ def load_hf(
     device = _check_device(device)
     dtype = _check_dtype(dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        bos = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+        tokenizer = AutoTokenizer.from_pretrained(location, **bos)
+        if add_bos_token and tokenizer.bos_token is None:  # e.g. T5: no BOS to add, as TransformerLens does
+            tokenizer = AutoTokenizer.from_pretrained(location)
         if random_weights:
             config = AutoConfig.from_pretrained(location)
             with _seeded(seed):
@@ -374,7 +378,8 @@ def load_model(
             str(location), dtype=dtype, device_map=device_map, n_devices=n_devices
         )
     else:
-        hf_model, tokenizer = load_hf(name, device=device, dtype=dtype, random_weights=random_weights, seed=seed)
+        hf_model, tokenizer = load_hf(name, device=device, dtype=dtype, random_weights=random_weights, seed=seed,
+                                      add_bos_token=True)
         bridge = TransformerBridge.boot_transformers(
             hub_name, hf_model=hf_model, tokenizer=tokenizer, device=_check_device(device), dtype=dtype
         )

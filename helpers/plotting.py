@@ -7,7 +7,6 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import seaborn as sns
 
 from helpers.paths import figures_folder
 
@@ -16,6 +15,8 @@ PALETTE = "colorblind"
 
 def use_style() -> None:
     """The workbook's matplotlib/seaborn style: white grid, colour-blind palette, readable sizes."""
+    import seaborn as sns  # lazily: seaborn pulls in scipy.stats (~1 s), which `import helpers` need not pay
+
     sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE)
     plt.rcParams.update({
         "figure.dpi": 90, "savefig.dpi": 130, "savefig.bbox": "tight",
@@ -71,6 +72,8 @@ def heatmap(data, x_labels: Sequence | None = None, y_labels: Sequence | None = 
         _, ax = plt.subplots(figsize=(min(12, 1.5 + 0.35 * data.shape[1]), min(9, 1.2 + 0.3 * data.shape[0])))
     if center is not None and cmap == "viridis":
         cmap = "RdBu_r"
+    import seaborn as sns
+
     sns.heatmap(data, ax=ax, cmap=cmap, center=center, annot=annot, fmt=fmt, vmin=vmin, vmax=vmax,
                 xticklabels=list(x_labels) if x_labels is not None else "auto",
                 yticklabels=list(y_labels) if y_labels is not None else "auto",

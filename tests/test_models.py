@@ -114,3 +114,18 @@ def test_prompt_longer_than_the_context_raises_at_once(model):
         I.to_tokens(model, torch.ones(1, n_ctx + 1, dtype=torch.long))
     assert time.perf_counter() - t0 < 5
     assert I.to_tokens(model, "word " * 100).shape[1] > 100     # an ordinary prompt is not truncated or refused
+
+
+def test_load_reads_the_tokenizer_once_and_it_prepends_bos(model, monkeypatch):
+    """load_model asks load_hf for the tokenizer the bridge uses (BOS added), so TransformerLens does not read
+    the tokenizer files a second time; the bridge's tokenizer still prepends BOS."""
+    from transformers import AutoTokenizer
+
+    calls = []
+    original = AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: calls.append(k) or original(cls, *a, **k)))
+    fresh = helpers.load_model(verbose=False)
+    assert len(calls) == 1 and calls[0].get("add_bos_token") is True
+    assert fresh.tokenizer("Paris")["input_ids"][0] == fresh.tokenizer.bos_token_id
+    assert torch.equal(fresh.to_tokens("The Eiffel Tower"), model.to_tokens("The Eiffel Tower"))
