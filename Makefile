@@ -8,7 +8,7 @@ FAST   ?= 1
 ARGS   ?=
 JOBS   ?= 2
 
-.PHONY: run test browser-test lab bench notebooks install clean-venv
+.PHONY: run test browser-test lab bench notebooks sweep install clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ install: $(STAMP)
 ## clean); FAST=0 for the full-scale parameters. Ends with every result, by kind, and any baseline difference.
 run: $(STAMP)
 	$(BIN)/python -m helpers.runner --fast $(FAST) $(if $(NB),--nb $(NB)) $(ARGS)
+
+## Notebooks x models x seeds on a Dask cluster (a LocalCluster on 127.0.0.1, or SCHEDULER=tcp://host:8786), one
+## folder per grid point in runs/sweep/; prints which claims hold in every seed and model (runs/sweep/summary.md).
+## NB="00 11" MODELS="SmolLM2-135M-Instruct /path/m.gguf" SEEDS="0 1 2" FAST="1 0"; ARGS="--resume --timeout 3600".
+sweep: $(STAMP)
+	$(BIN)/python -m helpers.sweep --fast $(FAST) $(if $(NB),--nb $(NB)) $(if $(MODELS),--models $(MODELS)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(ARGS)
 
 ## Unit tests of helpers and every notebook under nbval, JOBS files at a time (pytest-xdist; JOBS=0: serial).
 ## Each notebook's records are compared with tests/baselines/ (a flipped verdict or a moved number fails).

@@ -5,17 +5,20 @@
     model = helpers.load_model(MODEL, device=DEVICE)
 
 Three layers; a module imports only from its own layer or the ones above it in this list (tests check it):
-- infrastructure: paths (leaf), env, models, interventions, plotting, results, runner;
-- shared methods, one concept each: stats, probes, geometry, finetune, editing, toy, sae, graphs;
+- infrastructure: paths (leaf), env, models, interventions, plotting, results, runner, sweep;
+- shared methods, one concept each: stats, probes, geometry, finetune, editing, toy, sae, graphs, patching,
+  calibration;
 - one experiment's code, written for its notebook: superposition (01), plateaus (02), linear_rep (03),
-  pause (05), function_vectors and lenses (06). Later notebooks may reuse it (07 perturbs SAE directions with
+  pause (05), function_vectors and lenses (06), steering (08), truth (10). Later notebooks may reuse it (07 perturbs SAE directions with
   plateaus' perturbation curves), but no experiment module imports another.
 Heavy libraries (transformers, TransformerLens, peft, scikit-learn) are imported lazily where they are used.
 """
 LAYERS: dict[str, tuple[str, ...]] = {
-    "infrastructure": ("paths", "env", "models", "interventions", "plotting", "results", "runner"),
-    "shared methods": ("stats", "probes", "geometry", "finetune", "editing", "toy", "sae", "graphs"),
-    "experiments": ("superposition", "plateaus", "linear_rep", "pause", "function_vectors", "lenses"),
+    "infrastructure": ("paths", "env", "models", "interventions", "plotting", "results", "runner", "sweep"),
+    "shared methods": ("stats", "probes", "geometry", "finetune", "editing", "toy", "sae", "graphs", "patching",
+                       "calibration"),
+    "experiments": ("superposition", "plateaus", "linear_rep", "pause", "function_vectors", "lenses", "steering",
+                    "truth"),
 }
 
 from helpers import interventions, plotting, results, toy
