@@ -6,8 +6,9 @@
 
 Scores, each in [0, 1] (no LLM judge offline; AxBench's judge gives 0-2 and we rescale the same way):
 - concept: lexicon hits in the generated text, saturating at `saturate` hits (`concept_score`);
-- fluency: (1 - repetition rate) * min(1, reference perplexity / perplexity), the perplexity of the text as the
-  continuation of a prompt under the unsteered model (`conditional_perplexity`, `fluency_score`);
+- fluency: (1 - repetition rate) * min(1, reference perplexity / perplexity), the perplexity of the text alone
+  under the unsteered model from its second token (`perplexity(skip=1)`), or as the continuation of a prompt
+  (`conditional_perplexity`) (`fluency_score`);
 - relevance: min(1, exp(mean log-prob of a reference answer - the unsteered one)) (`relevance_score`).
 Steering vectors are added at every real token after BOS (prompt and generated tokens) through
 `helpers.interventions.steering`, one vector per row of a batch, so a whole coefficient sweep runs as one batch.
@@ -206,18 +207,25 @@ def answer_scores(model, prompts: Sequence[str], answers: Sequence[str], steer: 
 
 
 @torch.no_grad()
-def perplexity(model, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """Perplexity of each text on its own (after BOS) under the unsteered model; inf for an empty text."""
+def perplexity(model, texts: Sequence[str], batch_size: int = 32, skip: int = 0) -> np.ndarray:
+    """Perplexity of each text on its own (after BOS) under the unsteered model, leaving the first `skip` tokens
+    after BOS unscored (skip=1: the token right after a chat model's BOS such as `<|im_start|>`, where the model
+    expects a role name); inf for an empty text or one with no scored token."""
+    if skip < 0:
+        raise ValueError("skip must be >= 0")
     out = np.full(len(texts), np.inf)
     keep = [i for i, t in enumerate(texts) if t.strip()]
     for i in range(0, len(keep), batch_size):
         rows = keep[i:i + batch_size]
         tokens = I.to_tokens(model, [texts[r] for r in rows])
         mask = I.attention_mask(model, tokens).bool()
+        pos = mask.long().cumsum(1) - 1                            # position inside each text: 0 = BOS
         logp = model(tokens, attention_mask=I.attention_mask(model, tokens)).float().log_softmax(-1)
         nll = -logp[:, :-1].gather(-1, tokens[:, 1:, None].to(logp.device))[..., 0]
-        m = (mask[:, 1:] & mask[:, :-1]).to(nll.device)          # predict every real token after BOS
-        out[rows] = (nll * m).sum(1).div(m.sum(1).clamp_min(1)).exp().cpu().numpy()
+        m = (mask[:, 1:] & mask[:, :-1] & (pos[:, 1:] > skip)).to(nll.device)   # real tokens after BOS + skip
+        n = m.sum(1)
+        ppl = (nll * m).sum(1).div(n.clamp_min(1)).exp().cpu().numpy()
+        out[rows] = np.where(n.cpu().numpy() > 0, ppl, np.inf)
     return out
 
 

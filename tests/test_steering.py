@@ -92,6 +92,18 @@ def test_perplexity_of_empty_text_is_infinite(model):
     assert np.isfinite(ppl[0]) and ppl[0] > 1 and np.isinf(ppl[1])
 
 
+def test_perplexity_skip_leaves_out_the_first_token(model):
+    """skip=1 scores the tokens after the first one: the same as the text's tail after its first token."""
+    ids = model.tokenizer.encode(" cat sat on the mat.", add_special_tokens=False)
+    head = model.tokenizer.decode(model.tokenizer.encode("The", add_special_tokens=False))
+    lp, _ = S.answer_scores(model, [head], [model.tokenizer.decode(ids)])
+    ppl = S.perplexity(model, ["The cat sat on the mat.", "The cat sat on the mat.", ""], skip=1)
+    assert ppl[0] == pytest.approx(np.exp(-lp[0]), rel=1e-4) and np.isinf(ppl[2])
+    assert S.perplexity(model, ["The cat sat on the mat."])[0] != pytest.approx(ppl[0], rel=1e-3)
+    with pytest.raises(ValueError):
+        S.perplexity(model, ["x"], skip=-1)
+
+
 def test_conditional_perplexity_scores_only_the_continuation(model):
     prompt, text = "The Eiffel Tower is located in the city of", "Paris"
     lp, _ = S.answer_scores(model, [prompt], [text])
