@@ -9,7 +9,7 @@ Three layers; a module imports only from its own layer or the ones above it in t
 - shared methods, one concept each: stats, probes, geometry, finetune, editing, toy, sae, graphs, patching,
   calibration;
 - one experiment's code, written for its notebook: superposition (01), plateaus (02), linear_rep (03),
-  pause (05), function_vectors and lenses (06), steering (08), truth (10). Later notebooks may reuse it (07 perturbs SAE directions with
+  pause (05), function_vectors and lenses (06), steering (08), truth (10), normalization (12). Later notebooks may reuse it (07 perturbs SAE directions with
   plateaus' perturbation curves), but no experiment module imports another.
 Heavy libraries (transformers, TransformerLens, peft, scikit-learn) are imported lazily where they are used.
 """
@@ -18,7 +18,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "shared methods": ("stats", "probes", "geometry", "finetune", "editing", "toy", "sae", "graphs", "patching",
                        "calibration"),
     "experiments": ("superposition", "plateaus", "linear_rep", "pause", "function_vectors", "lenses", "steering",
-                    "truth"),
+                    "truth", "normalization"),
 }
 
 from helpers import interventions, plotting, results, toy
