@@ -7,8 +7,7 @@ treatment of the first position (BOS/EOT, whose norm is far from the average). B
 (`submarat/removing-layer-norm`) scale it to GPT-2 XL and recompute the average while a norm is still live.
 
 Here the model is a Hugging Face llama/gemma3 (RMSNorm, no centring). Each norm module is wrapped by a
-`FrozenNorm`: live, it is the original module; frozen, it computes `norm(x) * rms(x) * scale` = gamma * x *
-scale, i.e. the per-token 1/rms replaced by the constant `scale` (1 / the average rms over non-BOS tokens), and
+`FrozenNorm`: live, it is the original module; frozen, it computes gamma * x * scale, i.e. the per-token 1/rms replaced by the constant `scale` (1 / the average rms over non-BOS tokens), and
 at position 0 by `bos_scale` while `bos_special` is on. Rows must start with BOS at position 0 and be
 right-padded (never left-padded) for that position rule to hold.
 """
@@ -64,7 +63,13 @@ class FrozenNorm(nn.Module):
         shape = [1] * x.dim()
         shape[pos_dim] = -1
         s = s.view(shape)
-        return self.norm(x) * (self.rms(x) * s).to(x.dtype)
+        return x * (self.gain() * s).to(x.dtype)   # gamma * x * c: linear in x, no square that could overflow
+
+    def gain(self) -> Tensor:
+        """The norm's elementwise gain gamma, whatever its convention (llama: weight; gemma: 1 + weight), read off
+        the module itself: norm(1) = gamma / sqrt(1 + eps). Differentiable in the module's weight."""
+        ones = torch.ones(self.norm.weight.shape, device=self.norm.weight.device, dtype=torch.float32)
+        return self.norm(ones) * math.sqrt(1.0 + self.eps)
 
     def _position_dim(self, x: Tensor) -> int:
         """1 for [batch, pos, d]; for per-head q/k norms [batch, heads, pos, d] (gemma3) or [batch, pos, heads, d]
@@ -101,6 +106,9 @@ def norm_sites(model) -> list[Site]:
     """Every RMSNorm of the model, in the paper's removal order (MLP inputs by layer, attention inputs, other
     norms such as gemma3's post-norms and q/k norms, the final norm)."""
     inner = _decoder(model)
+    if not _is_norm(inner.norm):
+        raise TypeError(f"{type(model).__name__}'s final norm is a {type(inner.norm).__name__}: these helpers freeze "
+                        "RMSNorm only (a LayerNorm also centres and adds a bias, which a frozen scale does not model)")
     sites: list[Site] = []
     for i, layer in enumerate(inner.layers):
         gemma_style = hasattr(layer, "pre_feedforward_layernorm")
@@ -317,8 +325,9 @@ def token_losses(model, rows: Rows, batch_size: int = 16) -> Tensor:
 
 
 def scored(losses: Tensor, vocab_size: int) -> Tensor:
-    """Losses with every overflowed token (+inf) scored as a uniform guess, ln(vocab) nats."""
-    return losses.masked_fill(torch.isinf(losses), math.log(vocab_size))
+    """Every token's loss capped at a uniform guess, ln(vocab) nats (overflowed tokens, +inf, included), so a
+    broken model cannot score worse than guessing; NaN (padding) stays NaN."""
+    return losses.clamp(max=math.log(vocab_size))
 
 
 def overflow_share(losses: Tensor) -> float:
@@ -328,8 +337,8 @@ def overflow_share(losses: Tensor) -> float:
 
 
 def row_means(losses: Tensor, vocab_size: int | None = None) -> np.ndarray:
-    """Mean loss of each row over its real targets (the unit of the bootstrap); with vocab_size, overflowed
-    tokens count as ln(vocab)."""
+    """Mean loss of each row over its real targets (the unit of the bootstrap); with vocab_size, each token's
+    loss is capped at ln(vocab) (see `scored`)."""
     if vocab_size is not None:
         losses = scored(losses, vocab_size)
     return torch.nanmean(losses, dim=1).numpy()
@@ -610,11 +619,12 @@ def direct_logit_attribution(model, tokens: Tensor, token: int, scale: float | N
 
 # ---------------------------------------------------------------------------------------------
 # weights and probes
-def relative_weight_change(before: dict[str, Tensor], after: dict[str, Tensor]) -> list[dict]:
-    """||W_after - W_before|| / ||W_before|| (Frobenius) for every 2-D weight, with its layer and type."""
+def relative_weight_change(before: dict[str, Tensor], after: dict[str, Tensor], skip: Sequence[str] = ()) -> list[dict]:
+    """||W_after - W_before|| / ||W_before|| (Frobenius) for every 2-D weight, with its layer and type (names in
+    `skip` left out, e.g. a tied lm_head.weight that repeats embed_tokens.weight)."""
     out = []
     for name, w0 in before.items():
-        if w0.dim() != 2:
+        if w0.dim() != 2 or name in skip:
             continue
         parts = name.split(".")
         layer = int(parts[2]) if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() else -1
@@ -622,6 +632,29 @@ def relative_weight_change(before: dict[str, Tensor], after: dict[str, Tensor]) 
         out.append({"name": name, "layer": layer, "type": kind,
                     "relative change": float((after[name].float() - w0.float()).norm() / w0.float().norm())})
     return out
+
+
+def update_cosine(before: dict[str, Tensor], a: dict[str, Tensor], b: dict[str, Tensor], name: str) -> float:
+    """Cosine between two fine-tunes' updates of one matrix (1: the same direction)."""
+    da, db = (a[name].float() - before[name].float()).ravel(), (b[name].float() - before[name].float()).ravel()
+    return float(torch.nn.functional.cosine_similarity(da, db, dim=0))
+
+
+@torch.no_grad()
+def scale_deviation(model, rows: Rows, names: Sequence[str], stats: dict[str, dict], batch_size: int = 16) -> Tensor:
+    """Mean over the named norms of |log(rms / mean rms)| at every position [n, T]: how far each token's own
+    scale is from the constant a frozen norm would give it (model as it is, usually all live)."""
+    chosen = select(model, list(names))
+    for w in chosen:
+        w.recording = []
+    try:
+        for i in range(0, len(rows), batch_size):
+            model(input_ids=rows.tokens[i:i + batch_size], attention_mask=rows.mask[i:i + batch_size].long())
+        dev = [(torch.cat(w.recording) / stats[w.name]["mean_rms"]).log().abs() for w in chosen]
+    finally:
+        for w in chosen:
+            w.recording = None
+    return torch.stack(dev).mean(0)
 
 
 @torch.no_grad()

@@ -39,6 +39,21 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, n_boot: int = 2000, level
     return float(values.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
+def two_level_bootstrap_ci(values: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                           seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) for values [seeds, items]: each draw resamples seeds, then items (the same items for
+    every seed in a draw, since they are paired), so the interval carries seed-to-seed and item-to-item spread."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 2 or values.size == 0:
+        raise ValueError(f"values must be a non-empty [seeds, items] array, got shape {values.shape}")
+    rng = np.random.default_rng(seed)
+    s_idx = rng.integers(0, values.shape[0], size=(n_boot, values.shape[0]))
+    i_idx = rng.integers(0, values.shape[1], size=(n_boot, values.shape[1]))
+    means = np.array([values[s][:, i].mean() for s, i in zip(s_idx, i_idx)])
+    alpha = (1 - level) / 2
+    return float(values.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float], **kwargs: Any) -> tuple[float, float, float]:
     """Mean of a - b over paired items (same questions), with a bootstrap interval."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)

@@ -141,6 +141,10 @@ def test_errors_are_clear():
         N.token_losses(model, left)
     with pytest.raises(TypeError, match="load_hf"):
         N.norm_sites(torch.nn.Linear(2, 2))
+    other = tiny_llama()
+    other.model.norm = torch.nn.LayerNorm(32)
+    with pytest.raises(TypeError, match="RMSNorm only"):
+        N.norm_sites(other)
     with pytest.raises(ValueError, match="layer must be"):
         N.last_token_residual(model, r, 5)
     long = N.Rows(torch.ones(1, 40, dtype=torch.long), torch.ones(1, 40, dtype=torch.bool), ["a"])
@@ -244,3 +248,33 @@ def test_sweep_options_override_bos_and_scales_per_configuration():
         assert torch.allclose(b, N.token_losses(model, r), atol=1e-4, equal_nan=True)
     with pytest.raises(ValueError, match="one dict per"):
         N.sweep(model, r, [["model.norm"]], options=[{}, {}])
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+def test_frozen_output_is_gain_times_input_times_constant(make):
+    model = make()
+    N.install(model)
+    w = N.norms(model)[0]
+    with torch.no_grad():
+        w.norm.weight.normal_()
+        w.scale.fill_(0.5)
+        w.bos_scale.fill_(2.0)
+        w.frozen = True
+        x = torch.randn(2, 3, w.norm.weight.shape[0])
+        gamma = w.norm(torch.ones(1, 1, x.shape[-1]))[0, 0] * (1 + w.eps) ** 0.5
+        assert torch.allclose(w(x)[:, 1:], x[:, 1:] * gamma * 0.5, atol=1e-5)
+        assert torch.allclose(w(x)[:, 0], x[:, 0] * gamma * 2.0, atol=1e-5)
+        assert torch.isfinite(w(torch.full((1, 2, x.shape[-1]), 1e25))).all()   # no square to overflow
+
+
+def test_scale_deviation_is_zero_for_a_token_at_the_mean_and_cosine_of_identical_updates_is_one():
+    model = tiny_llama()
+    one = N.Rows(torch.tensor([[1, 7]]), torch.ones(1, 2, dtype=torch.bool), ["a"])
+    N.install(model)
+    st = N.calibrate(model, one)
+    dev = N.scale_deviation(model, one, ["model.norm"], st)
+    assert dev.shape == (1, 2) and float(dev[0, 1]) == pytest.approx(0.0, abs=1e-5)
+    before = {"w": torch.zeros(2, 2)}
+    after = {"w": torch.ones(2, 2)}
+    assert N.update_cosine(before, after, after, "w") == pytest.approx(1.0)
+    assert N.relative_weight_change({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)}, skip=["w"]) == []

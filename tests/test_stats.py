@@ -42,3 +42,17 @@ def test_bootstrap_auroc_on_perfect_and_reversed_scores():
     assert stats.bootstrap_auroc(-np.arange(6.0), y, n_boot=200)[0] == 0.0
     with pytest.raises(ValueError):
         stats.bootstrap_auroc(np.arange(3.0), np.ones(3, bool))
+
+
+def test_two_level_bootstrap_widens_with_seed_spread():
+    from helpers.stats import two_level_bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=200)
+    same = np.stack([items, items])
+    apart = np.stack([items - 1, items + 1])
+    m0, lo0, hi0 = two_level_bootstrap_ci(same)
+    m1, lo1, hi1 = two_level_bootstrap_ci(apart)
+    assert m0 == pytest.approx(m1) and hi1 - lo1 > 2 * (hi0 - lo0)
+    with pytest.raises(ValueError):
+        two_level_bootstrap_ci(np.ones(3))
