@@ -371,7 +371,7 @@ def _run_from(model, hidden: Tensor, m: Tensor, start: int) -> tuple[Tensor, lis
 
     def keep(_m, args, kwargs):
         caught.append((args[0] if args else kwargs["hidden_states"]).detach())
-    targets = list(inner.layers)[start + 1:] + [inner.norm]
+    targets = list(inner.layers)[start + 1:] + ([inner.norm] if start < n else [])
     for t in targets:
         hooks.append(t.register_forward_pre_hook(keep, with_kwargs=True))
     try:
@@ -422,12 +422,7 @@ def sweep(model, rows: Rows, configs: Sequence[Sequence[str]], bos_special: bool
             start = _first_layer(model, changed) if changed else len(hiddens) - 1
             base = hiddens if cumulative else ref
             with frozen(model, names, **opts[k]):
-                if start == len(hiddens) - 1:    # only the final norm changes
-                    with _layers_from(model, start):
-                        logits = model(inputs_embeds=base[start], attention_mask=m.long(), use_cache=False).logits
-                    new = [base[start]]
-                else:
-                    logits, new = _run_from(model, base[start], m, start)
+                logits, new = _run_from(model, base[start], m, start)
             out[k].append(_ce(model, logits, tok, m))
             if cumulative:
                 hiddens = hiddens[:start] + new
