@@ -200,14 +200,21 @@ def make_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str],
 
 
 @contextmanager
-def _only_layers_from(model, start: int) -> Iterator[None]:
+def only_layers_from(model, start: int) -> Iterator[None]:
+    """Run only decoder blocks start.. (feed the residual entering `start` as inputs_embeds). A per-layer
+    `config.layer_types` (gemma3's sliding/full attention pattern) is sliced with the blocks."""
     owner, attr = _layers_owner(model)
     full = getattr(owner, attr)
+    types = getattr(model.config, "layer_types", None)
     setattr(owner, attr, nn.ModuleList(list(full)[start:]))
+    if types is not None:
+        model.config.layer_types = list(types)[start:]
     try:
         yield
     finally:
         setattr(owner, attr, full)
+        if types is not None:
+            model.config.layer_types = types
 
 
 def _last_logits(model, **kwargs) -> Tensor:
@@ -247,7 +254,7 @@ class Prefix:
         if not self.shortcut:
             return _last_logits(model, input_ids=b.input_ids, attention_mask=b.attention_mask,
                                 position_ids=b.position_ids)
-        with _only_layers_from(model, self.start_layer):
+        with only_layers_from(model, self.start_layer):
             return _last_logits(model, inputs_embeds=self.hidden, attention_mask=b.attention_mask,
                                 position_ids=b.position_ids)
 

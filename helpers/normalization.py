@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from helpers.finetune import only_layers_from
+
 ROLES = ("mlp_in", "attn_in", "other", "final")   # the paper's removal order: MLP inputs, attention inputs, final
 ROLE_LABELS = {"mlp_in": "MLP input", "attn_in": "attention input", "other": "other (post/qk norms)", "final": "final"}
 
@@ -344,22 +346,6 @@ def row_means(losses: Tensor, vocab_size: int | None = None) -> np.ndarray:
     return torch.nanmean(losses, dim=1).numpy()
 
 
-@contextmanager
-def _layers_from(model, start: int) -> Iterator[None]:
-    """Run only decoder layers start.. (feed the residual entering `start` as inputs_embeds)."""
-    inner = _decoder(model)
-    layers, types = inner.layers, getattr(inner.config, "layer_types", None)
-    inner.layers = nn.ModuleList(list(layers)[start:])
-    if types is not None:
-        inner.config.layer_types = list(types)[start:]
-    try:
-        yield
-    finally:
-        inner.layers = layers
-        if types is not None:
-            inner.config.layer_types = types
-
-
 @torch.no_grad()
 def _run_from(model, hidden: Tensor, m: Tensor, start: int) -> tuple[Tensor, list[Tensor]]:
     """Logits and the inputs of layers start..n (the last: the final norm's input) from the residual `hidden`
@@ -375,7 +361,7 @@ def _run_from(model, hidden: Tensor, m: Tensor, start: int) -> tuple[Tensor, lis
     for t in targets:
         hooks.append(t.register_forward_pre_hook(keep, with_kwargs=True))
     try:
-        with _layers_from(model, start):
+        with only_layers_from(model, start):
             logits = model(inputs_embeds=hidden, attention_mask=m.long(), use_cache=False).logits
     finally:
         for h in hooks:
