@@ -8,7 +8,7 @@ FAST   ?= 1
 ARGS   ?=
 JOBS   ?= 2
 
-.PHONY: run test browser-test lab bench notebooks sweep install clean-venv
+.PHONY: run test browser-test lab bench notebooks sweep full smoke-full install clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ run: $(STAMP)
 sweep: $(STAMP)
 	$(BIN)/python -m helpers.sweep --fast $(FAST) $(if $(NB),--nb $(NB)) $(if $(MODELS),--models $(MODELS)) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(ARGS)
+
+## Full-scale runs (FAST=False, seed 0) through the sweep engine, on CUDA when there is one; results with their
+## provenance into results/full/<machine>/ and the default-vs-full claim table results/full/README.md.
+## NB="01 05 06" TIMEOUT=3600 ARGS="--gpus 1". smoke-full: every FAST=False path on a tiny random llama (minutes).
+full: $(STAMP)
+	$(BIN)/python -m helpers.fullscale run $(if $(NB),--nb $(NB)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
+		$(if $(ARGS),--sweep-args $(ARGS))
+
+smoke-full: $(STAMP)
+	$(BIN)/python -m helpers.fullscale smoke $(if $(NB),--nb $(NB)) --timeout $(or $(TIMEOUT),900) \
+		$(if $(ARGS),--sweep-args $(ARGS))
 
 ## Unit tests of helpers and every notebook under nbval, JOBS files at a time (pytest-xdist; JOBS=0: serial).
 ## Each notebook's records are compared with tests/baselines/ (a flipped verdict or a moved number fails).

@@ -52,7 +52,7 @@ def second_moment(keys: Tensor, shrink: float = 0.1) -> Tensor:
         raise ValueError("shrink must be in [0, 1]")
     k = keys.double()
     C = k.T @ k / k.shape[0]
-    return ((1 - shrink) * C + shrink * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)).float()
+    return ((1 - shrink) * C + shrink * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)).float()
 
 
 def rome_edit(W, key: Tensor, value: Tensor, C: Tensor | None = None) -> Tensor:
@@ -90,9 +90,9 @@ def optimize_value(model, tokenizer, prompts: Sequence[str], subject: str, targe
     holder = {}
 
     def hook(mod, args, out):
-        holder.setdefault("norm", out[rows, subj].detach().norm(dim=-1).mean())
+        holder.setdefault("norm", out[rows, subj].detach().norm(dim=-1).mean().cpu())   # δ lives on the CPU
         out = out.clone()
-        out[rows, subj] = out[rows, subj] + delta.to(out.dtype)
+        out[rows, subj] = out[rows, subj] + delta.to(device=out.device, dtype=out.dtype)
         return out
 
     handle = module.register_forward_hook(hook)
@@ -191,7 +191,7 @@ def unique_keys(keys: Tensor, labels) -> tuple[Tensor, np.ndarray]:
     first; a kept row is positive if any of its copies was. Returns (keys, labels)."""
     labels = np.asarray(labels, dtype=bool)
     uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    inverse = inverse.numpy()
+    inverse = inverse.cpu().numpy()
     lab = np.zeros(len(uniq), dtype=bool)
     np.logical_or.at(lab, inverse, labels)
     return uniq, lab

@@ -270,7 +270,7 @@ def head_outputs(model, z: Tensor) -> Tensor:
     w = W_O(model)
     if z.shape[-3:] != w.shape[:3]:
         raise ValueError(f"z must end in (n_layers, n_heads, d_head) = {tuple(w.shape[:3])}, got {tuple(z.shape)}")
-    return torch.einsum("...lhd,lhdm->...lhm", z.to(w.dtype), w)
+    return torch.einsum("...lhd,lhdm->...lhm", z.to(device=w.device, dtype=w.dtype), w)
 
 
 def _check_heads(model, heads: Sequence[Head]) -> list[Head]:
@@ -288,7 +288,7 @@ def function_vector(model, mean_z: Tensor, heads: Sequence[Head]) -> Tensor:
     """Sum of the listed heads' mean outputs (mean_z: [L, H, d_head]): the function vector, [d_model]."""
     heads = _check_heads(model, heads)
     if not heads:
-        return torch.zeros(model.cfg.d_model)
+        return torch.zeros(model.cfg.d_model, device=model.cfg.device)
     outs = head_outputs(model, mean_z)
     return torch.stack([outs[layer, h] for layer, h in heads]).sum(0)
 
@@ -443,7 +443,7 @@ def head_permutation_null(per_prompt: Tensor, k: int, n_perm: int = 500, seed: i
     flat = per_prompt.flatten(1)
     out = []
     for _ in range(n_perm):
-        perm = torch.argsort(torch.rand(flat.shape, generator=gen), dim=1)
+        perm = torch.argsort(torch.rand(flat.shape, generator=gen), dim=1).to(flat.device)
         out.append(top_share(flat.gather(1, perm).mean(0).reshape(per_prompt.shape[1:]), k))
     return torch.tensor(out)
 
@@ -466,14 +466,14 @@ def split_half_reliability(per_prompt: Tensor, n_splits: int = 50, seed: int = 0
     for _ in range(n_splits):
         perm = torch.randperm(n, generator=gen)
         a, b = per_prompt[perm[:n // 2]].mean(0).flatten(), per_prompt[perm[n // 2:]].mean(0).flatten()
-        rhos.append(float(spearmanr(a.numpy(), b.numpy()).statistic))
+        rhos.append(float(spearmanr(a.cpu().numpy(), b.cpu().numpy()).statistic))
     return float(sum(rhos) / len(rhos))
 
 
 def norm_matched_random(vector: Tensor, seed: int = 0) -> Tensor:
     """A random Gaussian direction with the same norm as `vector`: the control for any added vector."""
     gen = torch.Generator().manual_seed(seed)
-    r = torch.randn(vector.shape, generator=gen)
+    r = torch.randn(vector.shape, generator=gen).to(vector.device)   # drawn on the CPU: the same draw on any device
     return r * (vector.float().norm() / r.norm())
 
 

@@ -158,7 +158,7 @@ def top_singular_norm(m, r: int) -> float:
         raise ValueError(f"r must be within 1..{min(t.shape)}")
     gen_state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(0)
+        torch.default_generator.manual_seed(0)   # the CPU generator only (t is on the CPU): CUDA's stream is left alone
         with one_thread():
             _, s, _ = torch.svd_lowrank(t, q=min(r + 6, min(t.shape)), niter=3)
     finally:
@@ -245,7 +245,7 @@ def projected_norm(W, U: Tensor, V: Tensor) -> float:
     W = _matrix(W)
     if U.shape[0] != W.shape[0] or V.shape[0] != W.shape[1]:
         raise ValueError(f"U {tuple(U.shape)} and V {tuple(V.shape)} do not fit W {tuple(W.shape)}")
-    return float((U.T @ W @ V).norm())
+    return float((U.cpu().T @ W @ V.cpu()).norm())
 
 
 def random_projection_norms(W, r: int, n: int = 100, generator: torch.Generator | None = None) -> np.ndarray:

@@ -228,7 +228,7 @@ def accuracy_gap(correct_a: Tensor, correct_b: Tensor, clusters: Sequence | Tens
     labels = clusters.tolist() if isinstance(clusters, Tensor) else list(clusters)
     if len(labels) != len(diff):
         raise ValueError(f"{len(labels)} cluster labels for {len(diff)} items")
-    return diff.mean().item(), clustered_se(diff.numpy(), labels)
+    return diff.mean().item(), clustered_se(diff.cpu().numpy(), labels)
 
 
 # ---------------------------------------------------------------------------------------------

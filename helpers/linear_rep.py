@@ -168,7 +168,7 @@ def cosine_matrix(directions: Tensor, metric: Tensor | None = None) -> Tensor:
     """Cosines between rows of `directions` [k, d] under x^T M y (M = identity when None): [k, k]."""
     if directions.ndim != 2:
         raise ValueError(f"directions must be [k, d], got shape {tuple(directions.shape)}")
-    gram = directions @ directions.T if metric is None else directions @ metric @ directions.T
+    gram = directions @ directions.T if metric is None else directions @ metric.to(directions.device) @ directions.T
     norms = gram.diagonal().clamp_min(1e-30).sqrt()
     return gram / norms[:, None] / norms[None, :]
 
@@ -405,7 +405,7 @@ def _linearise_batch(fn, H, apply_to, full, chunk_size):
     b, d = H.shape
     rows = [H[None]]
     if apply_to is not None:
-        rows.append(apply_to[:, None, :].expand(-1, b, -1))
+        rows.append(apply_to.to(H.device)[:, None, :].expand(-1, b, -1))
     if full:
         rows.append(torch.eye(d, dtype=H.dtype, device=H.device)[:, None, :].expand(-1, b, -1))
     tangents = torch.cat(rows)                                           # [k, b, d]
@@ -441,6 +441,7 @@ def decode_top(model, z: Tensor) -> Tensor:
 def faithfulness(predicted: Tensor | Sequence[int], target: Tensor | Sequence[int]) -> float:
     """Fraction of rows whose predicted top token equals the target token."""
     predicted, target = torch.as_tensor(predicted), torch.as_tensor(target)
+    target = target.to(predicted.device)
     if predicted.shape != target.shape or predicted.numel() == 0:
         raise ValueError(f"need two non-empty id lists of the same length; got {tuple(predicted.shape)}, {tuple(target.shape)}")
     return float((predicted == target).float().mean())
@@ -455,7 +456,7 @@ def choose_beta(model, lre: LinearRelation, targets: Tensor, betas: Sequence[flo
     scores = []
     for beta in betas:
         logp = I.unembed(model, lre(beta=beta)[rows]).log_softmax(-1)
-        scores.append(logp.gather(1, targets[:, None]).mean().item())
+        scores.append(logp.gather(1, targets.to(logp.device)[:, None]).mean().item())
     return float(betas[int(np.argmax(scores))])
 
 
@@ -555,7 +556,7 @@ def edit_targets(answers: Sequence[int], candidates: Sequence[int] | None = None
 def same_norm_random(deltas: Tensor, n: int, seed: int = 0) -> Tensor:
     """n random directions per row of deltas [k, d], each scaled to that row's norm: [n, k, d]."""
     g = torch.Generator().manual_seed(seed)
-    dirs = unit(torch.randn(n, *deltas.shape, generator=g).to(deltas.dtype))
+    dirs = unit(torch.randn(n, *deltas.shape, generator=g).to(device=deltas.device, dtype=deltas.dtype))
     return dirs * deltas.norm(dim=-1, keepdim=True)
 
 
@@ -567,7 +568,7 @@ def edited_top(model, template: str, subjects: Sequence[str], layer: int, deltas
         raise ValueError(f"need one delta [d_model] per subject, got shape {tuple(deltas.shape)}")
     pos = [subject_position(model, template, s) for s in subjects]
     fn, H, _ = hidden_to_output_batch(model, [template.format(s) for s in subjects], layer, pos)
-    return decode_top(model, fn(H + deltas.to(H.dtype)))
+    return decode_top(model, fn(H + deltas.to(device=H.device, dtype=H.dtype)))
 
 
 def lre_causality(model, template: str, weight: Tensor, layer: int, sources: Sequence[str],
@@ -586,7 +587,7 @@ def lre_causality(model, template: str, weight: Tensor, layer: int, sources: Seq
     deltas = (z_tgt - z_src) @ low_rank_pinv(weight, rank).T
     hit = edited_top(model, template, sources, layer, deltas) == want
     out = dict(hits=int(hit.sum()), n=len(sources), random_hits=0, random_n=0,
-               edit_norm=float(deltas.norm(dim=-1).mean()), hit=hit.numpy())
+               edit_norm=float(deltas.norm(dim=-1).mean()), hit=hit.cpu().numpy())
     if n_random:
         rand = same_norm_random(deltas, n_random, seed).reshape(-1, deltas.shape[-1])
         top = edited_top(model, template, list(sources) * n_random, layer, rand)

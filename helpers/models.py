@@ -232,6 +232,39 @@ def dequantized_folder(gguf: Path, verbose: bool = True) -> Path:
     return folder
 
 
+def save_tiny_model(folder: str | Path, architecture: str = "llama", n_layers: int = 8, d_model: int = 256,
+                    n_heads: int = 8, seed: int = 0) -> Path:
+    """Save a small model with random weights and the default model's tokenizer (vocabulary 49152) as a local
+    Hugging Face folder that `load_model` accepts: for smoke runs of the notebooks' full-scale paths and for
+    tests of other architectures. "llama" mirrors SmolLM2's layout (RMSNorm, rotary, grouped-query attention
+    with a third of the heads for keys/values, tied embeddings); "gpt2" has LayerNorm and learned positions.
+    It knows nothing: what it runs says a code path works, never that a result holds."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if architecture not in ("llama", "gpt2"):
+        raise ValueError(f"architecture must be 'llama' or 'gpt2', got {architecture!r}")
+    if d_model % n_heads:
+        raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
+    folder = Path(folder)
+    source = dequantized_folder(offline_gguf_path())
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(seed)
+    if architecture == "llama":
+        config = LlamaConfig(vocab_size=49152, hidden_size=d_model, intermediate_size=int(d_model * 8 / 3) // 64 * 64,
+                             num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                             num_key_value_heads=max(1, n_heads // 3) if n_heads % 3 == 0 else n_heads // 2 or 1,
+                             max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0,
+                             tie_word_embeddings=True, **ids)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=49152, n_layer=n_layers, n_embd=d_model, n_head=n_heads, n_positions=2048, **ids)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
 # ---------------------------------------------------------------------------------------------
 def resolve(name: str) -> tuple[str, Path | str, str]:
     """Work out where `name`'s weights come from: (kind, location, display name).

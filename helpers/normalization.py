@@ -37,8 +37,9 @@ class FrozenNorm(nn.Module):
         super().__init__()
         self.norm, self.name, self.role, self.layer = norm, name, role, layer
         self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        self.register_buffer("scale", torch.tensor(float("nan")))      # 1 / mean rms over non-BOS tokens
-        self.register_buffer("bos_scale", torch.tensor(float("nan")))  # 1 / rms at position 0
+        device = getattr(getattr(norm, "weight", None), "device", None)   # the wrapper is made after .to(device)
+        self.register_buffer("scale", torch.tensor(float("nan"), device=device))      # 1 / mean rms over non-BOS tokens
+        self.register_buffer("bos_scale", torch.tensor(float("nan"), device=device))  # 1 / rms at position 0
         self.frozen = False
         self.bos_special = True
         self.recording: list[Tensor] | None = None   # per-token rms [rows, positions] while calibrating
@@ -94,6 +95,11 @@ class Site:
 
 def _is_norm(module: nn.Module) -> bool:
     return "RMSNorm" in type(module).__name__ or isinstance(module, FrozenNorm)
+
+
+def _device(model) -> torch.device:
+    """Where the model's weights are (token tensors built on the CPU are moved there before a forward pass)."""
+    return next(model.parameters()).device
 
 
 def _decoder(model) -> nn.Module:
@@ -236,11 +242,13 @@ def calibrate(model, rows: Rows, which: str | Sequence[str] = "all", batch_size:
     chosen = select(model, which)
     for w in chosen:
         w.recording = []
+    dev = _device(model)
     try:
         for i in range(0, len(rows), batch_size):
-            model(input_ids=rows.tokens[i:i + batch_size], attention_mask=rows.mask[i:i + batch_size].long())
+            model(input_ids=rows.tokens[i:i + batch_size].to(dev),
+                  attention_mask=rows.mask[i:i + batch_size].long().to(dev))
     finally:
-        recs = {w.name: torch.cat(w.recording) for w in chosen}
+        recs = {w.name: torch.cat(w.recording).cpu() for w in chosen}
         for w in chosen:
             w.recording = None
     stats = {}
@@ -319,10 +327,10 @@ def token_losses(model, rows: Rows, batch_size: int = 16) -> Tensor:
     """Next-token cross-entropy (nats) at each position [n, T-1]; NaN where the target is padding, +inf where
     the model's logits overflowed (see `scored`)."""
     _check_rows(model, rows)
-    out = []
+    out, dev = [], _device(model)
     for i in range(0, len(rows), batch_size):
-        tok, m = rows.tokens[i:i + batch_size], rows.mask[i:i + batch_size]
-        out.append(_ce(model, model(input_ids=tok, attention_mask=m.long()).logits, tok, m))
+        tok, m = rows.tokens[i:i + batch_size].to(dev), rows.mask[i:i + batch_size].to(dev)
+        out.append(_ce(model, model(input_ids=tok, attention_mask=m.long()).logits, tok, m).cpu())
     return torch.cat(out)
 
 
@@ -343,7 +351,7 @@ def row_means(losses: Tensor, vocab_size: int | None = None) -> np.ndarray:
     loss is capped at ln(vocab) (see `scored`)."""
     if vocab_size is not None:
         losses = scored(losses, vocab_size)
-    return torch.nanmean(losses, dim=1).numpy()
+    return torch.nanmean(losses, dim=1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -398,8 +406,9 @@ def sweep(model, rows: Rows, configs: Sequence[Sequence[str]], bos_special: bool
     out: list[list[Tensor]] = [[] for _ in configs]
     chunks = list(range(0, len(rows), batch_size))
     bar = tqdm(total=len(chunks) * len(configs), disable=not progress, desc="norm configurations")
+    dev = _device(model)
     for i in chunks:
-        tok, m = rows.tokens[i:i + batch_size], rows.mask[i:i + batch_size]
+        tok, m = rows.tokens[i:i + batch_size].to(dev), rows.mask[i:i + batch_size].to(dev)
         embed = _decoder(model).embed_tokens(tok)
         _, ref = _run_from(model, embed, m, 0)            # inputs of every layer in the current state
         hiddens, prev = list(ref), []
@@ -409,7 +418,7 @@ def sweep(model, rows: Rows, configs: Sequence[Sequence[str]], bos_special: bool
             base = hiddens if cumulative else ref
             with frozen(model, names, **opts[k]):
                 logits, new = _run_from(model, base[start], m, start)
-            out[k].append(_ce(model, logits, tok, m))
+            out[k].append(_ce(model, logits, tok, m).cpu())
             if cumulative:
                 hiddens = hiddens[:start] + new
                 prev = names
@@ -479,7 +488,7 @@ def finetune(model, train: Rows, steps: int, lr: float = 1e-4, batch_size: int =
     order = torch.cat([torch.randperm(len(train), generator=gen) for _ in range(steps * batch_size // len(train) + 1)])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    history = []
+    history, dev = [], _device(model)
     for step in tqdm(range(steps), disable=not progress, desc="fine-tuning"):
         for action in actions.get(step, []):
             model.eval()
@@ -494,7 +503,7 @@ def finetune(model, train: Rows, steps: int, lr: float = 1e-4, batch_size: int =
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
         idx = order[step * batch_size:(step + 1) * batch_size]
-        tok, m = train.tokens[idx], train.mask[idx]
+        tok, m = train.tokens[idx].to(dev), train.mask[idx].to(dev)
         labels = tok.masked_fill(~m, -100)
         loss = model(input_ids=tok, attention_mask=m.long(), labels=labels).loss
         if not torch.isfinite(loss):
@@ -557,7 +566,7 @@ def residual_components(model, tokens: Tensor, pos: int = -1) -> tuple[list[str]
         final_in["x"] = inp[0][0, pos].detach().float()   # returns None: the input is left unchanged
     hooks.append(inner.norm.register_forward_pre_hook(keep_final))
     try:
-        model(input_ids=tokens)
+        model(input_ids=tokens.to(_device(model)))
     finally:
         for h in hooks:
             h.remove()
@@ -594,8 +603,8 @@ def direct_logit_attribution(model, tokens: Tensor, token: int, scale: float | N
     pos = tokens.shape[1] - 1
     logit = final_logit(model, resid, token, pos)
     ablation = torch.tensor([logit - final_logit(model, resid - c, token, pos) for c in comps])
-    return {"labels": labels, "dla": dla, "ablation": ablation, "logit": logit, "sum_dla": float(dla.sum()),
-            "norms": comps.norm(dim=-1)}
+    return {"labels": labels, "dla": dla.cpu(), "ablation": ablation, "logit": logit, "sum_dla": float(dla.sum()),
+            "norms": comps.norm(dim=-1).cpu()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,10 +637,12 @@ def scale_deviation(model, rows: Rows, names: Sequence[str], stats: dict[str, di
     chosen = select(model, list(names))
     for w in chosen:
         w.recording = []
+    device = _device(model)
     try:
         for i in range(0, len(rows), batch_size):
-            model(input_ids=rows.tokens[i:i + batch_size], attention_mask=rows.mask[i:i + batch_size].long())
-        dev = [(torch.cat(w.recording) / stats[w.name]["mean_rms"]).log().abs() for w in chosen]
+            model(input_ids=rows.tokens[i:i + batch_size].to(device),
+                  attention_mask=rows.mask[i:i + batch_size].long().to(device))
+        dev = [(torch.cat(w.recording).cpu() / stats[w.name]["mean_rms"]).log().abs() for w in chosen]
     finally:
         for w in chosen:
             w.recording = None
@@ -648,18 +659,19 @@ def last_token_residual(model, rows: Rows, layer: int, batch_size: int = 32) -> 
         raise ValueError(f"layer must be in [0, {n}], got {layer}")
     target = inner.norm if layer == n else inner.layers[layer]
     last = rows.mask.long().sum(1) - 1
-    out = []
+    out, dev = [], _device(model)
     for i in range(0, len(rows), batch_size):
         got = {}
         def keep(_m, args, kwargs):
             got["x"] = (args[0] if args else kwargs["hidden_states"]).detach()   # returns None: input unchanged
         h = target.register_forward_pre_hook(keep, with_kwargs=True)
         try:
-            model(input_ids=rows.tokens[i:i + batch_size], attention_mask=rows.mask[i:i + batch_size].long())
+            model(input_ids=rows.tokens[i:i + batch_size].to(dev),
+                  attention_mask=rows.mask[i:i + batch_size].long().to(dev))
         finally:
             h.remove()
         x = got["x"].float()
-        out.append(x[torch.arange(len(x)), last[i:i + batch_size]])
+        out.append(x[torch.arange(len(x)), last[i:i + batch_size]].cpu())
     return torch.cat(out)
 
 
@@ -695,6 +707,6 @@ def greedy_continuation(model, tokenizer, prompt: str, n_tokens: int = 12) -> st
     ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
     with torch.no_grad():
         for _ in range(n_tokens):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            logits = model(input_ids=torch.tensor([ids], device=_device(model))).logits[0, -1]
             ids.append(int(logits.argmax()))
     return tokenizer.decode(ids[-n_tokens:])

@@ -192,7 +192,7 @@ def _cholesky(cov: Tensor) -> Tensor:
     c = cov.double()
     jitter = 1e-10 * c.diagonal().mean().clamp_min(1e-30)
     for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(c + jitter * torch.eye(c.shape[0], dtype=c.dtype))
+        chol, info = torch.linalg.cholesky_ex(c + jitter * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
         if info == 0:
             return chol
         jitter = jitter * 100
@@ -206,8 +206,9 @@ def gaussian_samples(mean: Tensor, cov: Tensor, n: int, generator: torch.Generat
     chol = _cholesky(cov)
     if mean.shape != (chol.shape[0],):
         raise ValueError(f"mean has shape {tuple(mean.shape)}, cov is {tuple(cov.shape)}")
-    z = torch.randn(n, chol.shape[0], generator=generator, dtype=torch.float64)
-    return (mean.double() + z @ chol.T).to(mean.dtype)
+    z = torch.randn(n, chol.shape[0], generator=generator, dtype=torch.float64,
+                    device=None if generator is None else generator.device)   # draw where the generator lives
+    return (mean.double().to(chol.device) + z.to(chol.device) @ chol.T).to(mean.dtype)
 
 
 def isotropic_directions(n: int, d: int, generator: torch.Generator | None = None) -> Tensor:
@@ -218,7 +219,7 @@ def isotropic_directions(n: int, d: int, generator: torch.Generator | None = Non
 def covariance_directions(cov: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
     """n unit vectors [n, d] from N(0, cov), normalised: random directions shaped like real activations'
     spread (the improved baseline of Lee & Heimersheim 2024)."""
-    return unit(gaussian_samples(torch.zeros(cov.shape[0], dtype=cov.dtype), cov, n, generator)).float()
+    return unit(gaussian_samples(torch.zeros(cov.shape[0], dtype=cov.dtype, device=cov.device), cov, n, generator)).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ def perturbation_curve(model, prompt: str | Tensor, layer: int | Sequence[int], 
         raise ValueError(f"base must be [d_model] or [n_dirs={n_dirs}, d_model], got {tuple(base.shape)}")
     base = base.expand(n_dirs, -1)
     n_steps = steps.shape[1]
-    moved = base[:, None, :] + steps[:, :, None] * directions[:, None, :].to(base.dtype)  # [n_dirs, n_steps, d]
+    moved = base[:, None, :] + steps[:, :, None].to(base.device) * directions[:, None, :].to(device=base.device, dtype=base.dtype)  # [n_dirs, n_steps, d]
     kl, l2, kept = [], [], []
     group = max(1, batch_size // n_steps)  # whole directions per batch, so only [batch, vocab] logits live at once
     for g in range(0, n_dirs, group):
@@ -484,7 +485,8 @@ def interpolate(model, prompt_a: str | Tensor, prompt_b: str | Tensor, layer: in
     several = not isinstance(layer, (int, np.integer)) or isinstance(layer, bool)
     layers = list(layer) if several else [layer]
     ends = activations_at(model, torch.cat([ta, tb]), layers)  # [n_layers, 2, d]
-    path = (1 - alphas)[None, :, None] * ends[:, :1] + alphas[None, :, None] * ends[:, 1:]  # [n_layers, n_alpha, d]
+    al = alphas.to(ends.device)
+    path = (1 - al)[None, :, None] * ends[:, :1] + al[None, :, None] * ends[:, 1:]  # [n_layers, n_alpha, d]
     row_layers = [l for l in layers for _ in range(len(alphas))]
     logits, finals = run_with_activation(model, ta, row_layers, path.reshape(-1, path.shape[-1]), pos=-1,
                                          batch_size=batch_size, method=method)
@@ -519,7 +521,7 @@ def interpolate_prompts(model, prompt_a: str | Sequence[str], prompt_b: str | Se
         raise ValueError("alphas must be a 1-D sequence of at least two values")
     name = I.resid_name(model, layer)
     ends = _run_until(model, torch.cat([ta, tb]), [name], layer)[name][:, 1:]  # [2 n_pairs, pos - 1, d]
-    a = alphas.to(ends.dtype)[None, :, None, None]
+    a = alphas.to(device=ends.device, dtype=ends.dtype)[None, :, None, None]
     path = ((1 - a) * ends[:len(ta), None] + a * ends[len(ta):, None]).flatten(0, 1)  # [n_pairs n_alpha, pos - 1, d]
     tokens = ta.repeat_interleave(len(alphas), dim=0)
     logits, finals = [], []

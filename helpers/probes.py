@@ -94,9 +94,9 @@ def fit_affine(X: Tensor, Y: Tensor, alpha: float = 1e-3, prior: str = "zero") -
         Yc = Yc - Xc
     gram = Xc.T @ Xc
     lam = alpha * gram.diagonal().mean().clamp_min(1e-12)
-    W = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), Xc.T @ Yc)
+    W = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), Xc.T @ Yc)
     if prior == "identity":
-        W = W + torch.eye(W.shape[0], dtype=W.dtype)
+        W = W + torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
     b = my - mx @ W
     return W.to(X.dtype), b.to(X.dtype)
 

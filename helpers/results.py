@@ -105,7 +105,12 @@ def run_cost() -> dict[str, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_gb = rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9   # bytes on macOS, KiB on Linux
     wall = time.perf_counter() - _START["t"] if "t" in _START else float("nan")
-    return {"wall_s": round(wall, 1), "peak_memory_gb": round(peak_gb, 2)}
+    cost = {"wall_s": round(wall, 1), "peak_memory_gb": round(peak_gb, 2)}
+    torch = sys.modules.get("torch")   # never imported here just to ask: a toy notebook may not need it
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak_gpu = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+        cost["peak_gpu_memory_gb"] = round(peak_gpu / 1e9, 2)   # tensors allocated by torch, every GPU together
+    return cost
 
 
 def _plain(value: Any) -> Any:
@@ -288,7 +293,8 @@ def report(notebook: str, digits: int = 3, folder: Path | None = None) -> Saved:
     print(f"Results of {notebook} ({ctx})")
     _print_tables(table(digits))
     print("\n" + summary_line())
-    print(f"This run: {cost['wall_s']:.0f} s wall time since setup(), peak memory {cost['peak_memory_gb']:.1f} GB "
+    gpu = f", peak GPU memory {cost['peak_gpu_memory_gb']:.1f} GB" if "peak_gpu_memory_gb" in cost else ""
+    print(f"This run: {cost['wall_s']:.0f} s wall time since setup(), peak memory {cost['peak_memory_gb']:.1f} GB{gpu} "
           f"(measured by this kernel, {_CONTEXT.get('threads', '?')} torch threads).")
     folder = Path(folder or os.environ.get("WORKBOOK_RUNS", RUNS))
     folder.mkdir(parents=True, exist_ok=True)

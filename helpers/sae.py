@@ -62,9 +62,10 @@ def fvu_difference_ci(x: Tensor, x_hat_a: Tensor, x_hat_b: Tensor, groups: Tenso
     err = ((x - x_hat_a) ** 2).sum(1) - ((x - x_hat_b) ** 2).sum(1)
     _, inv = torch.as_tensor(groups).unique(return_inverse=True)
     n_g = int(inv.max()) + 1
-    err_g = torch.zeros(n_g, dtype=torch.float64).index_add_(0, inv, err.double())
-    var_g = torch.zeros(n_g, dtype=torch.float64).index_add_(0, inv, var.double())
-    return bootstrap_ratio_ci(err_g.numpy(), var_g.numpy(), n_boot=n_boot, level=level, seed=seed)   # Σ err / Σ var
+    inv = inv.to(err.device)
+    err_g = torch.zeros(n_g, dtype=torch.float64, device=err.device).index_add_(0, inv, err.double())
+    var_g = torch.zeros(n_g, dtype=torch.float64, device=err.device).index_add_(0, inv, var.double())
+    return bootstrap_ratio_ci(err_g.cpu().numpy(), var_g.cpu().numpy(), n_boot=n_boot, level=level, seed=seed)   # Σ err / Σ var
 
 
 def split_by_document(doc_ids: Sequence[int] | Tensor, test_fraction: float = 0.25, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -111,14 +112,15 @@ def fit_kmeans(x: Tensor, k: int, seed: int = 0, batch_size: int = 2048, max_ite
         raise ValueError(f"k must be in [1, n_tokens={x.shape[0]}], got {k}")
     km = MiniBatchKMeans(k, random_state=seed, batch_size=batch_size, n_init=1, max_iter=max_iter, max_no_improvement=3)
     with threadpool_limits(torch.get_num_threads()):   # OpenMP would take every core (and crawl when they are shared)
-        km.fit(x.numpy())
-    return torch.from_numpy(km.cluster_centers_).float()
+        km.fit(x.cpu().numpy())
+    return torch.from_numpy(km.cluster_centers_).float().to(x.device)
 
 
 def kmeans_assign(x: Tensor, centroids: Tensor, scaled: bool = False, chunk: int = 4096) -> tuple[Tensor, Tensor]:
     """(index [n], coefficient [n]) of the one active latent. scaled=False: the nearest centroid, coefficient 1.
     scaled=True: the centroid c whose best multiple (x·c / ‖c‖²) c is closest to x, i.e. the largest |x·ĉ|."""
     x, c = _check_2d(x), _check_2d(centroids, "centroids")
+    c = c.to(x.device)
     idx, coef = [], []
     sq = (c ** 2).sum(1).clamp_min(1e-12)
     for part in x.split(chunk):
@@ -130,14 +132,14 @@ def kmeans_assign(x: Tensor, centroids: Tensor, scaled: bool = False, chunk: int
         else:
             i = (sq - 2 * dots).argmin(1)
             idx.append(i)
-            coef.append(torch.ones(len(part)))
+            coef.append(torch.ones(len(part), device=part.device))
     return torch.cat(idx), torch.cat(coef)
 
 
 def kmeans_reconstruct(x: Tensor, centroids: Tensor, scaled: bool = False) -> Tensor:
     """Each row of x replaced by its one-latent reconstruction (see `kmeans_assign`); L0 = 1."""
     idx, coef = kmeans_assign(x, centroids, scaled)
-    return coef[:, None] * centroids[idx]
+    return coef[:, None] * centroids.to(idx.device)[idx]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,10 +189,10 @@ def train_topk(x: Tensor, width: int, k: int, steps: int = 300, batch_size: int 
     b_pre = x.mean(0)
     scale = float((x - b_pre).norm(dim=1).mean() / math.sqrt(d))
     xs = (x - b_pre) / scale
-    W_dec = torch.randn(width, d, generator=g)
+    W_dec = torch.randn(width, d, generator=g).to(x.device)     # drawn on the CPU: the same init on any device
     W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).requires_grad_()
     W_enc = W_dec.detach().T.clone().requires_grad_()
-    b_enc = torch.zeros(width, requires_grad=True)
+    b_enc = torch.zeros(width, device=x.device, requires_grad=True)
     opt = torch.optim.Adam([W_enc, b_enc, W_dec], lr=lr)
     curve = []
     for _ in range(steps):
@@ -214,7 +216,7 @@ def dead_fraction(sae: TopKSAE, x: Tensor, chunk: int = 4096) -> float:
     fired = torch.zeros(sae.width, dtype=torch.bool)
     with torch.no_grad():
         for part in _check_2d(x).split(chunk):
-            fired |= (sae.encode(part) > 0).any(0)
+            fired |= (sae.encode(part) > 0).any(0).cpu()
     return float(1 - fired.float().mean())
 
 
@@ -306,7 +308,7 @@ def cache_corpus(model, texts: Sequence[str], layers: Sequence[int], max_len: in
     acts, token, doc, pos = [], [], [], []
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        tokens = pad_left(model, [seqs[i] for i in rows])
+        tokens = pad_left(model, [seqs[i] for i in rows]).to(model.cfg.device)   # built on the CPU
         mask = I.attention_mask(model, tokens).bool()
         after_bos = I.position_mask(mask, I.AFTER_BOS)
         I.run_until(model, tokens, names[layers.index(max(layers))], fwd_hooks=hooks, attention_mask=mask.long())
@@ -321,17 +323,18 @@ def cache_corpus(model, texts: Sequence[str], layers: Sequence[int], max_len: in
 @torch.no_grad()
 def spliced_loss(model, seqs: Sequence[Tensor], layer: int, replace=None) -> tuple[Tensor, Tensor]:
     """Next-token loss with the residual stream entering `layer` replaced, at every real token after BOS, by
-    replace(acts [n, d]) -> [n, d] (None: the clean run). Returns (loss per predicted token [n_pred], logits of
+    replace(acts [n, d]) -> [n, d] (None: the clean run; acts arrive on the CPU, where `cache_corpus` keeps
+    activations and the fits made from them live). Returns (loss per predicted token [n_pred], logits of
     those predictions [n_pred, vocab]); predictions are every real position before each sequence's last token."""
     from helpers import interventions as I
 
-    tokens = pad_left(model, seqs)
+    tokens = pad_left(model, seqs).to(model.cfg.device)   # built on the CPU; the targets below must match the logits
     mask = I.attention_mask(model, tokens).bool()
     after_bos = I.position_mask(mask, I.AFTER_BOS)
 
     def hook(resid: Tensor, hook=None) -> Tensor:
         out = resid.clone()
-        out[after_bos] = replace(resid[after_bos].float()).to(resid.dtype)
+        out[after_bos] = replace(resid[after_bos].float().cpu()).to(device=resid.device, dtype=resid.dtype)
         return out
 
     hooks = [] if replace is None else [(I.resid_name(model, layer), hook)]

@@ -213,7 +213,7 @@ def participation_ratio(W: Any, dim: int = -1) -> np.ndarray:
     equal entries). Applied to a neuron's input weights, "how many features this neuron reads"."""
     W = torch.as_tensor(W if not isinstance(W, np.ndarray) else torch.from_numpy(W)).detach().double()
     sq = W ** 2
-    return ((sq.sum(dim) ** 2) / (sq ** 2).sum(dim).clamp_min(1e-30)).numpy()
+    return ((sq.sum(dim) ** 2) / (sq ** 2).sum(dim).clamp_min(1e-30)).cpu().numpy()
 
 
 def _quadrature_points(n_grid: int) -> tuple[Tensor, Tensor]:

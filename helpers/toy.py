@@ -250,7 +250,7 @@ def evaluate(model: nn.Module, density: Tensor | float, importance: Tensor | Non
 def best_of_seeds(loss: np.ndarray | Tensor, n_seeds: int) -> np.ndarray:
     """Index of the lowest-loss instance in each consecutive group of `n_seeds` instances (instances laid out
     setting-major, seed-minor): [n_instances // n_seeds]."""
-    loss = np.asarray(loss, dtype=float)
+    loss = np.asarray(loss.detach().cpu() if isinstance(loss, Tensor) else loss, dtype=float)
     if loss.ndim != 1 or n_seeds <= 0 or loss.shape[0] % n_seeds:
         raise ValueError(f"loss must be 1-D with a length divisible by n_seeds={n_seeds}; got shape {loss.shape}")
     groups = loss.reshape(-1, n_seeds)

@@ -133,12 +133,17 @@ def last_token_states(model, prompts: Sequence[str], layers: Sequence[int], batc
     return torch.cat(states, 1), torch.cat(logps)
 
 
+def _numpy(x) -> np.ndarray:
+    """An array of x; a tensor is detached and brought to the CPU first (a CUDA tensor has no numpy view)."""
+    return np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x)
+
+
 class MassMean:
     """Mass-mean probe (Marks & Tegmark 2023): direction = mean(true) - mean(false); score = direction · (x - midpoint)
     (no covariance correction); predicts true when the score is positive."""
 
     def __init__(self, X: Tensor | np.ndarray, y: Sequence[int]):
-        X, y = torch.as_tensor(np.asarray(X), dtype=torch.float64), np.asarray(y).astype(int)
+        X, y = torch.as_tensor(_numpy(X), dtype=torch.float64), np.asarray(y).astype(int)
         if X.ndim != 2 or len(X) != len(y) or set(np.unique(y)) != {0, 1}:
             raise ValueError("need X [n, d] and labels holding both 0 and 1")
         mask = torch.as_tensor(y == 1)
@@ -147,7 +152,7 @@ class MassMean:
         self.midpoint = (self.mu_true + self.mu_false) / 2
 
     def score(self, X) -> np.ndarray:
-        return ((torch.as_tensor(np.asarray(X), dtype=torch.float64) - self.midpoint) @ self.direction).numpy()
+        return ((torch.as_tensor(_numpy(X), dtype=torch.float64) - self.midpoint) @ self.direction).numpy()
 
     def accuracy(self, X, y: Sequence[int]) -> float:
         return float(((self.score(X) > 0).astype(int) == np.asarray(y).astype(int)).mean())
@@ -179,9 +184,9 @@ def steered_last_logits(model, prompts: Sequence[str], vectors: Tensor, layer: i
         tokens = I.to_tokens(model, list(prompts[i:i + batch_size]))
         mask = I.attention_mask(model, tokens)
         start = mask.float().argmax(1)                               # column of each row's BOS (left padding)
-        cols = torch.arange(tokens.shape[1])[None]
-        lo = torch.tensor([s[0] for s in spans[i:i + batch_size]]) + start
-        hi = torch.tensor([s[1] for s in spans[i:i + batch_size]]) + start
+        cols = torch.arange(tokens.shape[1], device=start.device)[None]
+        lo = torch.tensor([s[0] for s in spans[i:i + batch_size]], device=start.device) + start
+        hi = torch.tensor([s[1] for s in spans[i:i + batch_size]], device=start.device) + start
         where = ((cols >= lo[:, None]) & (cols < hi[:, None])).float()
         v = vectors[i:i + batch_size]
 
@@ -222,7 +227,7 @@ def ablation_entropy_change(model, resid: Tensor, acts: Tensor, neurons: Sequenc
         raise ValueError("need resid [n_tok, d] and acts [n_tok, d_mlp] for the same tokens")
     W_U = model.W_U.detach()
     b_U = getattr(model, "b_U", None)
-    b_U = torch.zeros(W_U.shape[1]) if b_U is None else b_U.detach()
+    b_U = torch.zeros(W_U.shape[1], device=W_U.device) if b_U is None else b_U.detach()
     means = acts.mean(0)
     gain = lambda x: model.ln_final(x[:, None])[:, 0].norm(dim=-1) / x.norm(dim=-1)   # g(x) per token
     total, direct = np.zeros(len(neurons)), np.zeros(len(neurons))
@@ -287,7 +292,7 @@ def probe_sweep(states: Tensor, dataset: np.ndarray, labels: np.ndarray, units: 
             train_units = set(units[train_idx])
             targets = {t: np.flatnonzero((dataset == t) & ~np.isin(units, list(train_units))) for t in np.unique(dataset)}
             for li, L in enumerate(layers):
-                X = states[li].double().numpy()
+                X = states[li].double().cpu().numpy()
                 lr = probes.logistic_probe(X[train_idx[~val]], y[train_idx[~val]], X[train_idx[val]], y[train_idx[val]],
                                            seed=seed)
                 mm = MassMean(X[train_idx], y[train_idx])

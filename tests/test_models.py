@@ -129,3 +129,16 @@ def test_load_reads_the_tokenizer_once_and_it_prepends_bos(model, monkeypatch):
     assert len(calls) == 1 and calls[0].get("add_bos_token") is True
     assert fresh.tokenizer("Paris")["input_ids"][0] == fresh.tokenizer.bos_token_id
     assert torch.equal(fresh.to_tokens("The Eiffel Tower"), model.to_tokens("The Eiffel Tower"))
+
+
+def test_save_tiny_model_loads_as_a_small_llama(tmp_path):
+    folder = models.save_tiny_model(tmp_path / "tiny", n_layers=2, d_model=96, n_heads=6)
+    small = helpers.load_model(str(folder), device="cpu")
+    info = models.describe(small)
+    assert (info.n_layers, info.d_model, info.n_heads, info.n_kv_heads, info.d_vocab) == (2, 96, 6, 2, 49152)
+    logits = small(small.to_tokens(EIFFEL))
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="architecture"):
+        models.save_tiny_model(tmp_path / "x", architecture="mamba")
+    with pytest.raises(ValueError, match="multiple"):
+        models.save_tiny_model(tmp_path / "y", d_model=100, n_heads=8)

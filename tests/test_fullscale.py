@@ -1,0 +1,54 @@
+"""helpers.fullscale: collecting full-scale runs with their provenance and the default-vs-full table."""
+from __future__ import annotations
+
+import json
+
+from helpers import fullscale
+
+
+def _record(key, kind, value, verdict, passed):
+    return {"key": key, "kind": kind, "value": value, "verdict": verdict, "passed": passed}
+
+
+def _sweep_folder(root, notebook, status, records=None, error=""):
+    folder = root / notebook / "SmolLM2-135M-Instruct" / "seed0_full"
+    folder.mkdir(parents=True)
+    (folder / "task.json").write_text(json.dumps({"status": status, "error": error, "seconds": 12.5, "threads": 2,
+                                                  "finished": "2026-11-29T00:00:00Z"}))
+    if records is not None:
+        (folder / f"{notebook}.results.json").write_text(json.dumps(
+            {"notebook": notebook, "context": {"fast": False}, "cost": {"wall_s": 10.0, "peak_memory_gb": 1.5},
+             "records": records}))
+
+
+def test_collect_and_table_mark_changed_verdicts(tmp_path):
+    sweep_out, dest, baselines = tmp_path / "sweep", tmp_path / "full" / "cpu-test", tmp_path / "baselines"
+    baselines.mkdir()
+    base = [_record("stays", "claim", 1.0, "reproduced", True), _record("flips", "claim", 0.2, "not reproduced", False),
+            _record("only default", "claim", 3.0, "reproduced", True), _record("a control", "control", 0, "as expected", True),
+            _record("sized at n = 160", "claim", 0.3, "reproduced", True)]
+    (baselines / "90_demo.json").write_text(json.dumps({"records": {r.pop("key"): r for r in base}}))   # as baselines
+    _sweep_folder(sweep_out, "90_demo", "ok", [
+        _record("stays", "claim", 1.1, "reproduced", True), _record("flips", "claim", 0.9, "reproduced", True),
+        _record("only full", "claim", 5.0, "not reproduced", False), _record("a control", "control", 0, "as expected", True),
+        _record("sized at n = 670", "claim", 0.01, "not reproduced", False)])
+    _sweep_folder(sweep_out, "91_slow", "timed out", error="timed out after 60 s")
+
+    runs = fullscale.collect(sweep_out, dest)
+    assert runs["90_demo"]["summary"] == {"claim": "2/4", "control": "1/1"}
+    assert runs["91_slow"]["status"] == "timed out" and "cost" not in runs["91_slow"]
+    saved = json.loads((dest / "90_demo.results.json").read_text())
+    assert saved["provenance"]["torch"] and saved["provenance"]["task_seconds"] == 12.5
+    assert not (dest / "91_slow.results.json").exists()
+
+    rows = {r["claim"]: r for r in fullscale.compare("90_demo", saved, json.loads((baselines / "90_demo.json").read_text()))}
+    assert rows["flips"]["changes"] and not rows["stays"]["changes"]
+    assert rows["only full"]["default_verdict"] == "(not at default scale)"
+    assert rows["only default"]["full_verdict"] == "(not at full scale)"
+    assert "a control" not in rows
+    assert rows["sized at n = 670"]["changes"] and rows["sized at n = 670"]["default"] == "0.3"   # matched by shape
+
+    text = fullscale.table(tmp_path / "full", baselines)
+    assert "**0.2 (not reproduced)**" in text and "**0.9 (reproduced)**" in text
+    assert "| 91_slow | timed out: timed out after 60 s |" in text
+    assert (tmp_path / "full" / "README.md").read_text() == text
