@@ -52,3 +52,18 @@ def test_collect_and_table_mark_changed_verdicts(tmp_path):
     assert "**0.2 (not reproduced)**" in text and "**0.9 (reproduced)**" in text
     assert "| 91_slow | timed out: timed out after 60 s |" in text
     assert (tmp_path / "full" / "README.md").read_text() == text
+
+
+def test_smoke_runs_03_on_the_default_model_and_the_rest_on_the_tiny_one(monkeypatch, tmp_path):
+    from helpers import sweep
+
+    calls = []
+    monkeypatch.setattr(sweep, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(fullscale, "tiny_model_folder", lambda: tmp_path / "tiny")
+    assert fullscale.main(["smoke", "--nb", "03", "05", "--timeout", "9", "--out", str(tmp_path)]) == 0
+    first, second = calls
+    assert first[first.index("--nb") + 1] == "03" and "--models" not in first
+    assert any("LRE_RELATIONS=" in a for a in first) and "TOY_STEPS=10" not in first
+    assert second[second.index("--nb") + 1:second.index("--models")] == ["05"]
+    assert second[second.index("--models") + 1] == str(tmp_path / "tiny") and "TOY_STEPS=10" in second
+    assert all(c[:2] == ["--fast", "0"] and "--timeout" in c for c in calls)
