@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from helpers import results
 from helpers.paths import BASELINES, ROOT, RUNS
 
 RESULTS_FULL = ROOT / "results" / "full"
@@ -96,6 +97,7 @@ def collect(out: Path = FULL_RUNS, dest: Path | None = None) -> dict[str, Any]:
     dest.mkdir(parents=True, exist_ok=True)
     prov = provenance()
     runs = json.loads((dest / "runs.json").read_text()) if (dest / "runs.json").is_file() else {}
+    runs.pop("_provenance", None)   # the machine's earlier runs stay; the provenance is this collection's
     for task_file in sorted(Path(out).glob("*/*/seed*_full/task.json")):
         task = json.loads(task_file.read_text())
         notebook = task_file.parents[2].name
@@ -110,8 +112,7 @@ def collect(out: Path = FULL_RUNS, dest: Path | None = None) -> dict[str, Any]:
             entry["summary"] = _counts(payload["records"])
         runs[notebook] = entry
     runs = dict(sorted(runs.items()))
-    (dest / "runs.json").write_text(json.dumps({"_provenance": prov, **{k: v for k, v in runs.items()
-                                                                        if k != "_provenance"}}, indent=1) + "\n")
+    (dest / "runs.json").write_text(json.dumps({"_provenance": prov, **runs}, indent=1) + "\n")
     return runs
 
 
@@ -123,14 +124,6 @@ def _counts(records: list[dict]) -> dict[str, str]:
         if rs:
             out[kind] = f"{sum(bool(r.get('passed')) for r in rs)}/{len(rs)}"
     return out
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, (int, float)):
-        return f"{value:.3g}"
-    return str(value)[:24]
 
 
 def _cell(text: str) -> str:
@@ -152,12 +145,13 @@ def compare(notebook: str, full: dict, baseline: dict) -> list[dict[str, Any]]:
         twins = [k for k in base if k not in full_keys and shape(k) == shape(r["key"])]
         if b is None and len(twins) == 1:    # the same claim, with a size in its key
             b = base.pop(twins[0])
-        rows.append({"notebook": notebook, "claim": r["key"], "default": _fmt(b["value"]) if b else "—",
+        rows.append({"notebook": notebook, "claim": r["key"], "default": results._fmt(b["value"]) if b else "—",
                      "default_verdict": b["verdict"] if b else "(not at default scale)",
-                     "full": _fmt(r["value"]), "full_verdict": r["verdict"],
+                     "full": results._fmt(r["value"]), "full_verdict": r["verdict"],
                      "changes": bool(b) and b["verdict"] != r["verdict"]})
     for key, b in base.items():
-        rows.append({"notebook": notebook, "claim": key, "default": _fmt(b["value"]), "default_verdict": b["verdict"],
+        rows.append({"notebook": notebook, "claim": key, "default": results._fmt(b["value"]),
+                     "default_verdict": b["verdict"],
                      "full": "—", "full_verdict": "(not at full scale)", "changes": False})
     return rows
 

@@ -102,6 +102,13 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _batches(model, rows: Rows, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(tokens, mask) of `rows`, `batch_size` rows at a time, moved to the model's device."""
+    dev = _device(model)
+    for i in range(0, len(rows), batch_size):
+        yield rows.tokens[i:i + batch_size].to(dev), rows.mask[i:i + batch_size].to(dev)
+
+
 def _decoder(model) -> nn.Module:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
@@ -242,11 +249,9 @@ def calibrate(model, rows: Rows, which: str | Sequence[str] = "all", batch_size:
     chosen = select(model, which)
     for w in chosen:
         w.recording = []
-    dev = _device(model)
     try:
-        for i in range(0, len(rows), batch_size):
-            model(input_ids=rows.tokens[i:i + batch_size].to(dev),
-                  attention_mask=rows.mask[i:i + batch_size].long().to(dev))
+        for tok, m in _batches(model, rows, batch_size):
+            model(input_ids=tok, attention_mask=m.long())
     finally:
         recs = {w.name: torch.cat(w.recording).cpu() for w in chosen}
         for w in chosen:
@@ -327,9 +332,8 @@ def token_losses(model, rows: Rows, batch_size: int = 16) -> Tensor:
     """Next-token cross-entropy (nats) at each position [n, T-1]; NaN where the target is padding, +inf where
     the model's logits overflowed (see `scored`)."""
     _check_rows(model, rows)
-    out, dev = [], _device(model)
-    for i in range(0, len(rows), batch_size):
-        tok, m = rows.tokens[i:i + batch_size].to(dev), rows.mask[i:i + batch_size].to(dev)
+    out = []
+    for tok, m in _batches(model, rows, batch_size):
         out.append(_ce(model, model(input_ids=tok, attention_mask=m.long()).logits, tok, m).cpu())
     return torch.cat(out)
 
@@ -404,11 +408,8 @@ def sweep(model, rows: Rows, configs: Sequence[Sequence[str]], bos_special: bool
     if cumulative and any(not set(a) <= set(b) for a, b in zip(configs, configs[1:])):
         raise ValueError("cumulative=True needs each configuration to contain the previous one")
     out: list[list[Tensor]] = [[] for _ in configs]
-    chunks = list(range(0, len(rows), batch_size))
-    bar = tqdm(total=len(chunks) * len(configs), disable=not progress, desc="norm configurations")
-    dev = _device(model)
-    for i in chunks:
-        tok, m = rows.tokens[i:i + batch_size].to(dev), rows.mask[i:i + batch_size].to(dev)
+    bar = tqdm(total=math.ceil(len(rows) / batch_size) * len(configs), disable=not progress, desc="norm configurations")
+    for tok, m in _batches(model, rows, batch_size):
         embed = _decoder(model).embed_tokens(tok)
         _, ref = _run_from(model, embed, m, 0)            # inputs of every layer in the current state
         hiddens, prev = list(ref), []
@@ -637,11 +638,9 @@ def scale_deviation(model, rows: Rows, names: Sequence[str], stats: dict[str, di
     chosen = select(model, list(names))
     for w in chosen:
         w.recording = []
-    device = _device(model)
     try:
-        for i in range(0, len(rows), batch_size):
-            model(input_ids=rows.tokens[i:i + batch_size].to(device),
-                  attention_mask=rows.mask[i:i + batch_size].long().to(device))
+        for tok, m in _batches(model, rows, batch_size):
+            model(input_ids=tok, attention_mask=m.long())
         dev = [(torch.cat(w.recording).cpu() / stats[w.name]["mean_rms"]).log().abs() for w in chosen]
     finally:
         for w in chosen:
@@ -658,20 +657,18 @@ def last_token_residual(model, rows: Rows, layer: int, batch_size: int = 32) -> 
     if not 0 <= layer <= n:
         raise ValueError(f"layer must be in [0, {n}], got {layer}")
     target = inner.norm if layer == n else inner.layers[layer]
-    last = rows.mask.long().sum(1) - 1
-    out, dev = [], _device(model)
-    for i in range(0, len(rows), batch_size):
+    out = []
+    for tok, m in _batches(model, rows, batch_size):
         got = {}
         def keep(_m, args, kwargs):
             got["x"] = (args[0] if args else kwargs["hidden_states"]).detach()   # returns None: input unchanged
         h = target.register_forward_pre_hook(keep, with_kwargs=True)
         try:
-            model(input_ids=rows.tokens[i:i + batch_size].to(dev),
-                  attention_mask=rows.mask[i:i + batch_size].long().to(dev))
+            model(input_ids=tok, attention_mask=m.long())
         finally:
             h.remove()
         x = got["x"].float()
-        out.append(x[torch.arange(len(x)), last[i:i + batch_size]].cpu())
+        out.append(x[torch.arange(len(x)), m.long().sum(1) - 1].cpu())   # each row's last real token
     return torch.cat(out)
 
 

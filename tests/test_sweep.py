@@ -9,7 +9,6 @@ LayerNorm, learned positions) through the sweep."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import nbformat
@@ -52,20 +51,10 @@ def tiny_notebook(folder):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A 2-layer GPT-2 with random weights, the default model's tokenizer, saved with save_pretrained."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from helpers import models
 
-    source = models.dequantized_folder(models.offline_gguf_path())
-    folder = tmp_path_factory.mktemp("models") / "tiny-gpt2"
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=49152, n_layer=2, n_embd=64, n_head=2, n_positions=256,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(source / name, folder / name)
-    return folder
+    return models.save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", "gpt2", n_layers=2, d_model=64,
+                                  n_heads=2)
 
 
 @pytest.fixture(scope="module")
