@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 ## Execute every notebook (or NB=NN) with papermill into runs/ (figures in runs/figures: the checkout stays
-## clean); FAST=0 for the full-scale parameters. Ends with every result, by kind, and any baseline difference.
+## clean); FAST=0 for the full-scale parameters, SEED=1 for another seed. Ends with every result, by kind, and any baseline difference.
 run: $(STAMP)
-	$(BIN)/python -m helpers.runner --fast $(FAST) $(if $(NB),--nb $(NB)) $(ARGS)
+	$(BIN)/python -m helpers.runner --fast $(FAST) $(if $(NB),--nb $(NB)) $(if $(SEED),--seed $(SEED)) $(ARGS)
 
 ## Notebooks x models x seeds on a Dask cluster (a LocalCluster on 127.0.0.1, or SCHEDULER=tcp://host:8786), one
 ## folder per grid point in runs/sweep/; prints which claims hold in every seed and model (runs/sweep/summary.md).

@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
 }
 
 from helpers import interventions, plotting, results, toy
-from helpers.env import DATA, FIGURES, IN_CI, IN_COLAB, ROOT, RUNS, setup
+from helpers.env import DATA, FIGURES, IN_CI, IN_COLAB, ROOT, RUNS, override_sizes, setup
 from helpers.models import (
     DEFAULT_MODEL,
     ModelInfo,
@@ -34,7 +34,7 @@ from helpers.models import (
 )
 
 __all__ = [
-    "DATA", "FIGURES", "IN_CI", "IN_COLAB", "ROOT", "RUNS", "setup",
+    "DATA", "FIGURES", "IN_CI", "IN_COLAB", "ROOT", "RUNS", "setup", "override_sizes",
     "DEFAULT_MODEL", "ModelInfo", "ModelNotAvailableError", "describe", "list_models", "load_hf", "load_model",
     "interventions", "plotting", "results", "toy",
 ]

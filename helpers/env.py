@@ -30,6 +30,7 @@ PARAMETER_TYPES: dict[str, tuple[type, ...]] = {
     "DEVICE": (str, type(None)),
     "SEED": (int,),
     "FAST": (bool,),
+    "SIZES": (dict, type(None)),
 }
 
 
@@ -46,6 +47,34 @@ def check_parameters(**params: Any) -> None:
         if not ok:
             names = " or ".join(t.__name__ for t in expected)
             raise TypeError(f"parameter {name} must be {names}, got {type(value).__name__} {value!r}")
+
+
+def override_sizes(namespace: dict[str, Any], sizes: dict[str, Any] | None) -> dict[str, Any]:
+    """Smoke runs of a notebook's full-scale path: replace some of the sizes it has just set.
+
+    Call it right after the sizes (`helpers.override_sizes(globals(), SIZES)`). `sizes` maps names already
+    defined in `namespace` (N_FACTS, MAX_LEN ...) to values of the same type; an unknown name, a non-identifier
+    or a changed type raises rather than being ignored. The overrides are added to the results' context
+    (`sizes`), so a reduced run never passes for the real experiment. Returns what was changed ({} for None)."""
+    if sizes is None:
+        return {}
+    if not isinstance(sizes, dict):
+        raise TypeError(f"SIZES must be a dict of size names to values, got {type(sizes).__name__} {sizes!r}")
+    for name, value in sizes.items():
+        if not isinstance(name, str) or not name.isidentifier() or name not in namespace:
+            known = sorted(k for k, v in namespace.items() if k.isupper() and isinstance(v, (int, float, bool)))
+            raise ValueError(f"SIZES names {name!r}, which this notebook does not set; sizes it sets: {known}")
+        old = namespace[name]
+        if type(value) is not type(old) and not (type(old) is float and type(value) is int):
+            raise TypeError(f"SIZES[{name!r}] must be {type(old).__name__} like the notebook's {old!r}, "
+                            f"got {type(value).__name__} {value!r}")
+    namespace.update(sizes)
+    if sizes:
+        from helpers import results
+
+        results.set_context(sizes=dict(sizes))
+        print("sizes overridden (a reduced run, not the experiment): " + ", ".join(f"{k}={v!r}" for k, v in sizes.items()))
+    return dict(sizes)
 
 
 def seed_everything(seed: int) -> None:

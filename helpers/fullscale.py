@@ -13,8 +13,9 @@ results/full/<machine>/runs.json with every task's status (finished, failed with
 (`models.save_tiny_model`: 8 layers, d_model 256), so that a full-scale path that cannot get past a cell
 (a shape, an index, a device) fails here, in minutes, and not hours into a GPU run. It checks code, not
 results: a model that knows nothing gives meaningless numbers, and it is not the model the sizes were set for.
-Notebooks 03, 08, 10 and 11 need a model that knows something (a random model knows nothing and they say so), so their
-smoke runs use the default model at a reduced size (`SMOKE_ON_DEFAULT_MODEL`).
+Notebooks 03, 08, 09, 10 and 11 need a model that knows something (a random model knows nothing and they say so), so their
+smoke runs use the default model at a reduced size (`SMOKE_ON_DEFAULT_MODEL`); 09 and 12 take `SIZES`, which shrinks
+their full-scale sizes but keeps the full-scale path (`helpers.override_sizes`; 06 too, to reach its last cells).
 
 `table` compares every claim at the default scale (tests/baselines/) with each full-scale run under results/full/.
 """
@@ -43,14 +44,23 @@ SMOKE_RUNS = RUNS / "smoke"
 SMOKE_PARAMS = {"PROBE_LAYER": 6, "TRAIN_STEPS": 200, "TOY_STEPS": 10}
 # Notebooks whose full-scale path needs a model that knows something: on a random model they stop, by design, with a
 # clear error at their first competence gate (03: "need at least one training and one test subject", the subjects
-# the model gets right; 08: a steering curve that never rises; 10: no right answer to calibrate; 11: no head of a
-# kind to compare with). Their smoke run uses the default model, at a reduced size through parameters the notebook
-# already has (10 and 11 at their full size: 11 and 8 minutes here). 09 also stops at its gate (no known fact to trace) and has no size parameter: its
-# full-scale path is checked only up to that cell.
+# the model gets right; 08: a steering curve that never rises; 09: no known fact to trace; 10: no right answer to
+# calibrate; 11: no head of a kind to compare with). Their smoke run uses the default model, at a reduced size through
+# their parameters (10 and 11 at their full size: 11 and 8 minutes here; 09 through SIZES, which keeps the full
+# path: every layer and position, several noise samples, every relation).
 SMOKE_ON_DEFAULT_MODEL = {"03": {"LRE_RELATIONS": ["country → capital"], "CAUSALITY_RELATIONS": ["country → capital"],
                                  "N_RANDOM_PAIRS": 2000},
                           "08": {"CONCEPTS": ["ocean"]},
+                          "09": {"SIZES": {"N_FACTS": 4, "N_NOISE": 2, "N_CMP": 3, "N_EDIT": 3, "N_RANDOM": 2,
+                                           "N_NAIVE": 8, "N_ATTR": 6, "N_PERM": 500}},
                           "10": {}, "11": {}}
+# Tiny-model notebooks whose full sizes alone take hours here (06: 50 prompts per task, 300 learned-prompt steps per
+# layer, 400 KL steps; 12: 128 rows x 256 tokens through a 49k vocabulary, for every norm): the same full-scale path
+# (06: every task and layer, generated texts, the KL-trained lens; 12: every norm, one layer per GAP steps), smaller.
+SMOKE_SIZES = {"06": {"N_ICL": 12, "N_SHUFFLED": 8, "N_CORRUPT": 4, "N_EVAL": 20, "N_SHUFFLED_FV": 16, "N_NULL": 200,
+                      "N_SEQ": 40, "N_GENERATE": 8, "N_TEST": 200, "SOFT_STEPS": 10, "TUNED_KL_STEPS": 20},
+               "12": {"N_SWEEP": 4, "N_EVAL": 16, "N_CALIB": 16, "MAX_LEN": 64, "BATCH": 4, "STEPS_PER_STAGE": 2,
+                      "GAP": 2, "N_BOOT": 200}}
 
 
 def machine_label() -> str:
@@ -239,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
                 params = [x for k, v in SMOKE_ON_DEFAULT_MODEL[nb].items() for x in ("-p", f"{k}={json.dumps(v)}")]
                 rc |= sweep.main(base + ["--nb", nb] + params + extra)
             tiny = [nb for nb in chosen if nb not in SMOKE_ON_DEFAULT_MODEL]
-            if tiny:
-                params = [x for k, v in SMOKE_PARAMS.items() for x in ("-p", f"{k}={json.dumps(v)}")]
-                rc |= sweep.main(base + ["--nb", *tiny, "--models", str(tiny_model_folder())] + params + extra)
+            params = [x for k, v in SMOKE_PARAMS.items() for x in ("-p", f"{k}={json.dumps(v)}")]
+            for group in [[nb for nb in tiny if nb not in SMOKE_SIZES]] + [[nb] for nb in tiny if nb in SMOKE_SIZES]:
+                if group:
+                    sizes = ["-p", f"SIZES={json.dumps(SMOKE_SIZES[group[0]])}"] if group[0] in SMOKE_SIZES else []
+                    rc |= sweep.main(base + ["--nb", *group, "--models", str(tiny_model_folder())] + params + sizes + extra)
     if args.action == "collect":
         collect(Path(args.out or FULL_RUNS))
     if args.action in ("run", "table", "collect") and RESULTS_FULL.is_dir():

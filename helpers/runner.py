@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nb", nargs="*", help="notebook number(s) or name(s), e.g. 00 03")
     parser.add_argument("--fast", type=int, choices=(0, 1), default=1, help="0: full-scale parameters (FAST=False)")
     parser.add_argument("--model", help="run with this MODEL parameter")
+    parser.add_argument("--seed", type=int, help="run with this SEED parameter (outputs runs/<notebook>_seed<S>.ipynb)")
     parser.add_argument("--inplace", action="store_true",
                         help="write outputs back into notebooks/, figures into figures/, and the regression baselines")
     parser.add_argument("--jobs", type=int, default=1, help="notebooks executed at once (torch threads are shared out)")
@@ -98,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         parameters["FAST"] = False
     if args.model:
         parameters["MODEL"] = args.model
+    if args.seed is not None:
+        parameters["SEED"] = args.seed
     RUNS.mkdir(exist_ok=True)
     kernel_environment(args.inplace, args.jobs, write_baseline=args.inplace and not parameters)
     progress = not args.no_progress and args.jobs == 1
 
     def one(path: Path) -> tuple[str, str, float, str]:
-        out = path if args.inplace else RUNS / (path.stem + ("" if args.fast else "_full") + ".ipynb")
+        suffix = ("" if args.fast else "_full") + ("" if args.seed is None else f"_seed{args.seed}")
+        out = path if args.inplace else RUNS / (path.stem + suffix + ".ipynb")
         status, seconds, detail = run_one(path, out, parameters, progress=progress)
         tqdm.write(f"{path.stem:<36} {status:<7} {seconds:7.1f} s  -> {out.relative_to(out.parents[1])}"
                    + (f"\n    {detail}" if detail else ""))

@@ -94,3 +94,21 @@ def test_combined_report_counts_claims_only(tmp_path, capsys):
     text = results.combined_report(folder=tmp_path)
     assert "all notebooks" in text and "claims: 2 reproduced, 0 not reproduced" in text
     assert "controls: all 2 as expected" in text
+
+
+def test_override_sizes_replaces_known_sizes_and_says_so_in_the_context():
+    from helpers import results
+
+    ns = {"N_FACTS": 30, "NOISE": 3.0, "ALL_COLS": True}
+    assert env.override_sizes(ns, None) == {} and ns["N_FACTS"] == 30
+    assert env.override_sizes(ns, {"N_FACTS": 4, "NOISE": 1}) == {"N_FACTS": 4, "NOISE": 1}
+    assert ns["N_FACTS"] == 4 and results.context()["sizes"] == {"N_FACTS": 4, "NOISE": 1}
+    with pytest.raises(ValueError, match="does not set"):
+        env.override_sizes(ns, {"N_FATCS": 4})               # a typo never passes silently
+    with pytest.raises(TypeError, match="must be int"):
+        env.override_sizes(ns, {"N_FACTS": "4"})
+    with pytest.raises(TypeError, match="must be bool"):
+        env.override_sizes(ns, {"ALL_COLS": 0})
+    with pytest.raises(TypeError, match="dict"):
+        env.override_sizes(ns, [("N_FACTS", 4)])
+    results._CONTEXT.pop("sizes")

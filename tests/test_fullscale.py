@@ -67,3 +67,18 @@ def test_smoke_runs_03_on_the_default_model_and_the_rest_on_the_tiny_one(monkeyp
     assert second[second.index("--nb") + 1:second.index("--models")] == ["05"]
     assert second[second.index("--models") + 1] == str(tmp_path / "tiny") and "TOY_STEPS=10" in second
     assert all(c[:2] == ["--fast", "0"] and "--timeout" in c for c in calls)
+
+
+def test_smoke_gives_09_its_sizes_on_the_default_model_and_12_its_own_tiny_sweep(monkeypatch, tmp_path):
+    from helpers import sweep
+
+    calls = []
+    monkeypatch.setattr(sweep, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(fullscale, "tiny_model_folder", lambda: tmp_path / "tiny")
+    assert fullscale.main(["smoke", "--nb", "09", "05", "12", "--out", str(tmp_path)]) == 0
+    nine, tiny, twelve = calls
+    assert nine[nine.index("--nb") + 1] == "09" and "--models" not in nine
+    assert json.loads(next(a for a in nine if a.startswith("SIZES="))[6:]) == fullscale.SMOKE_ON_DEFAULT_MODEL["09"]["SIZES"]
+    assert tiny[tiny.index("--nb") + 1:tiny.index("--models")] == ["05"] and not any(a.startswith("SIZES=") for a in tiny)
+    assert twelve[twelve.index("--nb") + 1:twelve.index("--models")] == ["12"]
+    assert json.loads(next(a for a in twelve if a.startswith("SIZES="))[6:]) == fullscale.SMOKE_SIZES["12"]
