@@ -138,18 +138,47 @@ def out_of_fold_base_rate(y: Sequence[int], strata: Sequence, groups: Sequence, 
     return out
 
 
+def _ece_width_rows(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> np.ndarray:
+    """`ece(..., strategy="width")` of every row of two (rows, n) arrays at once: per bin |sum(conf - correct)| / n."""
+    rows, n = conf.shape
+    idx = np.clip((conf * n_bins).astype(int), 0, n_bins - 1) + n_bins * np.arange(rows)[:, None]
+    gap = np.bincount(idx.ravel(), (conf - correct).ravel(), minlength=rows * n_bins).reshape(rows, n_bins)
+    return np.abs(gap).sum(1) / n
+
+
 def ece_bootstrap(conf: Sequence[float], correct: Sequence[float], n_bins: int = 10, strategy: str = "width",
                   n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
     """(ECE, low, high): the ECE with a 95% bootstrap interval over predictions. Resampling inflates an ECE (sampling
     noise only adds to |confidence - accuracy|), so the percentile interval is shifted down by the bootstrap bias
-    (mean of the resampled ECEs minus the ECE) and clipped at 0; otherwise it can lie wholly above the estimate."""
+    (mean of the resampled ECEs minus the ECE) and clipped at 0; otherwise it can lie wholly above the estimate.
+    That re-centres the interval on the ECE; it does not remove the ECE's own upward bias at small n (see
+    `ece_null` for its size, and `equivalence_power` for what that does to a test on `high`)."""
     conf, correct = _check(conf, correct)
     rng = np.random.default_rng(seed)
-    boots = np.array([ece(conf[i], correct[i], n_bins, strategy) for i in (rng.integers(0, len(conf), len(conf))
-                                                                           for _ in range(n_boot))])
+    if strategy == "width":          # every resample at once (the same draws as one resample at a time)
+        rows = rng.integers(0, len(conf), (n_boot, len(conf)))
+        boots = _ece_width_rows(conf[rows], correct[rows], n_bins)
+    else:
+        boots = np.array([ece(conf[i], correct[i], n_bins, strategy) for i in (rng.integers(0, len(conf), len(conf))
+                                                                               for _ in range(n_boot))])
     e = ece(conf, correct, n_bins, strategy)
     lo, hi = np.quantile(boots, [0.025, 0.975]) - (boots.mean() - e)
     return e, max(0.0, float(lo)), max(0.0, float(hi))
+
+
+def equivalence_power(conf: Sequence[float], margin: float, n_bins: int = 10, strategy: str = "width",
+                      n_sim: int = 100, n_boot: int = 1000, seed: int = 0) -> float:
+    """How often a perfectly calibrated predictor with these confidences passes the equivalence test
+    `ece_bootstrap(...)[2] < margin`: outcomes drawn as Bernoulli(confidence) `n_sim` times. At small n the
+    ECE's upward bias alone can keep the upper bound above the margin, so a failed test means little when this
+    is low."""
+    conf, _ = _check(conf, np.zeros(len(np.asarray(conf))))
+    if not 0 < margin <= 1:
+        raise ValueError(f"margin must be in (0, 1], got {margin!r}")
+    rng = np.random.default_rng(seed)
+    passed = [ece_bootstrap(conf, (rng.random(len(conf)) < conf).astype(float), n_bins, strategy, n_boot,
+                            seed=int(rng.integers(2**31)))[2] < margin for _ in range(n_sim)]
+    return float(np.mean(passed))
 
 
 def group_gap(conf: Sequence[float], correct: Sequence[float], groups: Sequence) -> float:

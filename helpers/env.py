@@ -52,18 +52,19 @@ def check_parameters(**params: Any) -> None:
 def override_sizes(namespace: dict[str, Any], sizes: dict[str, Any] | None) -> dict[str, Any]:
     """Smoke runs of a notebook's full-scale path: replace some of the sizes it has just set.
 
-    Call it right after the sizes (`helpers.override_sizes(globals(), SIZES)`). `sizes` maps names already
-    defined in `namespace` (N_FACTS, MAX_LEN ...) to values of the same type; an unknown name, a non-identifier
-    or a changed type raises rather than being ignored. The overrides are added to the results' context
+    Call it right after the sizes (`helpers.override_sizes(globals(), SIZES)`). `sizes` maps upper-case int,
+    float or bool names already set in `namespace` (N_FACTS, MAX_LEN ...; not the parameters MODEL, SEED, FAST,
+    which `setup` has already used) to values of the same type; any other name or a changed type raises. The overrides are added to the results' context
     (`sizes`), so a reduced run never passes for the real experiment. Returns what was changed ({} for None)."""
     if sizes is None:
         return {}
     if not isinstance(sizes, dict):
         raise TypeError(f"SIZES must be a dict of size names to values, got {type(sizes).__name__} {sizes!r}")
+    known = sorted(k for k, v in namespace.items() if isinstance(k, str) and k.isupper() and k not in PARAMETER_TYPES
+                   and isinstance(v, (int, float, bool)))
     for name, value in sizes.items():
-        if not isinstance(name, str) or not name.isidentifier() or name not in namespace:
-            known = sorted(k for k, v in namespace.items() if k.isupper() and isinstance(v, (int, float, bool)))
-            raise ValueError(f"SIZES names {name!r}, which this notebook does not set; sizes it sets: {known}")
+        if name not in known:      # MODEL, SEED, FAST ... are parameters: setup() has already used them
+            raise ValueError(f"SIZES names {name!r}, which is not one of this notebook's sizes: {known}")
         old = namespace[name]
         if type(value) is not type(old) and not (type(old) is float and type(value) is int):
             raise TypeError(f"SIZES[{name!r}] must be {type(old).__name__} like the notebook's {old!r}, "

@@ -114,8 +114,10 @@ def collect(out: Path = FULL_RUNS, dest: Path | None = None) -> dict[str, Any]:
         found = sorted(task_file.parent.glob("*.results.json"))
         entry = {k: task.get(k) for k in ("status", "error", "seconds", "threads", "finished")}
         entry["model"] = task_file.parents[1].name
-        if found and task.get("status") == "ok":
-            payload = json.loads(found[0].read_text())
+        payload = json.loads(found[0].read_text()) if found and task.get("status") == "ok" else None
+        if payload is not None and payload.get("context", {}).get("sizes"):   # a smoke run's SIZES: not the experiment
+            entry["status"] = f"not collected: reduced sizes {payload['context']['sizes']}"
+        elif payload is not None:
             payload["provenance"] = {**prov, "task_seconds": task.get("seconds"), "threads": task.get("threads")}
             (dest / found[0].name).write_text(json.dumps(payload, indent=1, default=str) + "\n")
             entry["cost"] = payload.get("cost")

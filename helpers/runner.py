@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         parameters["MODEL"] = args.model
     if args.seed is not None:
         parameters["SEED"] = args.seed
+    if args.inplace and parameters:   # committed notebooks, figures and baselines are the default run's
+        raise SystemExit(f"--inplace writes the committed notebooks: run {sorted(parameters)} without it (into runs/)")
     RUNS.mkdir(exist_ok=True)
     kernel_environment(args.inplace, args.jobs, write_baseline=args.inplace and not parameters)
     progress = not args.no_progress and args.jobs == 1

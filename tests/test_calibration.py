@@ -84,3 +84,24 @@ def test_ece_bootstrap_and_group_gap():
     conf2, correct2 = np.full(100, 0.5), np.array([1] * 50 + [0] * 50)
     assert C.ece(conf2, correct2) == pytest.approx(0.0) and C.group_gap(conf2, correct2, groups) == pytest.approx(0.5)
     assert C.group_gap_null(conf2, groups, n_draws=50).max() < 0.5
+
+
+def test_ece_bootstrap_all_resamples_at_once_equals_one_at_a_time():
+    rng = np.random.default_rng(5)
+    conf = rng.uniform(0, 1, 90)
+    y = (rng.random(90) < conf ** 2).astype(float)
+    e, lo, hi = C.ece_bootstrap(conf, y, 10, n_boot=200, seed=7)
+    draws = np.random.default_rng(7)
+    boots = np.array([C.ece(conf[i], y[i], 10) for i in (draws.integers(0, 90, 90) for _ in range(200))])
+    want = np.quantile(boots, [0.025, 0.975]) - (boots.mean() - e)
+    assert e == C.ece(conf, y, 10) and np.allclose([lo, hi], np.maximum(want, 0), atol=1e-12)
+
+
+def test_equivalence_power_grows_with_n_and_margin():
+    rng = np.random.default_rng(11)
+    small, large = rng.uniform(0.05, 0.95, 60), rng.uniform(0.05, 0.95, 2000)
+    assert C.equivalence_power(small, 0.10, n_sim=30, seed=1) < 0.5      # the ECE's bias alone fails it
+    assert C.equivalence_power(large, 0.10, n_sim=30, seed=1) > 0.95
+    assert C.equivalence_power(large, 0.005, n_sim=10, seed=1) == 0.0
+    with pytest.raises(ValueError):
+        C.equivalence_power(small, 0.0)

@@ -96,14 +96,15 @@ def test_combined_report_counts_claims_only(tmp_path, capsys):
     assert "controls: all 2 as expected" in text
 
 
-def test_override_sizes_replaces_known_sizes_and_says_so_in_the_context():
+def test_override_sizes_replaces_known_sizes_and_says_so_in_the_context(monkeypatch):
     from helpers import results
 
+    monkeypatch.setattr(results, "_CONTEXT", {})
     ns = {"N_FACTS": 30, "NOISE": 3.0, "ALL_COLS": True}
     assert env.override_sizes(ns, None) == {} and ns["N_FACTS"] == 30
     assert env.override_sizes(ns, {"N_FACTS": 4, "NOISE": 1}) == {"N_FACTS": 4, "NOISE": 1}
     assert ns["N_FACTS"] == 4 and results.context()["sizes"] == {"N_FACTS": 4, "NOISE": 1}
-    with pytest.raises(ValueError, match="does not set"):
+    with pytest.raises(ValueError, match="not one of"):
         env.override_sizes(ns, {"N_FATCS": 4})               # a typo never passes silently
     with pytest.raises(TypeError, match="must be int"):
         env.override_sizes(ns, {"N_FACTS": "4"})
@@ -111,4 +112,11 @@ def test_override_sizes_replaces_known_sizes_and_says_so_in_the_context():
         env.override_sizes(ns, {"ALL_COLS": 0})
     with pytest.raises(TypeError, match="dict"):
         env.override_sizes(ns, [("N_FACTS", 4)])
-    results._CONTEXT.pop("sizes")
+    with pytest.raises(ValueError, match="not one of"):
+        env.override_sizes({**ns, "FAST": True}, {"FAST": False})   # a parameter setup() has already used
+
+
+def test_runner_refuses_to_write_committed_notebooks_with_other_parameters():
+    for extra in (["--seed", "1"], ["--fast", "0"], ["--model", "x.gguf"]):
+        with pytest.raises(SystemExit, match="--inplace"):
+            runner.main(["--inplace", "--nb", "00", *extra])

@@ -10,14 +10,14 @@ def _record(key, kind, value, verdict, passed):
     return {"key": key, "kind": kind, "value": value, "verdict": verdict, "passed": passed}
 
 
-def _sweep_folder(root, notebook, status, records=None, error=""):
+def _sweep_folder(root, notebook, status, records=None, error="", context=None):
     folder = root / notebook / "SmolLM2-135M-Instruct" / "seed0_full"
     folder.mkdir(parents=True)
     (folder / "task.json").write_text(json.dumps({"status": status, "error": error, "seconds": 12.5, "threads": 2,
                                                   "finished": "2026-11-29T00:00:00Z"}))
     if records is not None:
         (folder / f"{notebook}.results.json").write_text(json.dumps(
-            {"notebook": notebook, "context": {"fast": False}, "cost": {"wall_s": 10.0, "peak_memory_gb": 1.5},
+            {"notebook": notebook, "context": context or {"fast": False}, "cost": {"wall_s": 10.0, "peak_memory_gb": 1.5},
              "records": records}))
 
 
@@ -33,6 +33,8 @@ def test_collect_and_table_mark_changed_verdicts(tmp_path):
         _record("only full", "claim", 5.0, "not reproduced", False), _record("a control", "control", 0, "as expected", True),
         _record("sized at n = 670", "claim", 0.01, "not reproduced", False)])
     _sweep_folder(sweep_out, "91_slow", "timed out", error="timed out after 60 s")
+    _sweep_folder(sweep_out, "92_smoke", "ok", [_record("x", "claim", 1.0, "reproduced", True)],
+                  context={"fast": False, "sizes": {"N_FACTS": 4}})
 
     runs = fullscale.collect(sweep_out, dest)
     assert runs["90_demo"]["summary"] == {"claim": "2/4", "control": "1/1"}
@@ -40,6 +42,7 @@ def test_collect_and_table_mark_changed_verdicts(tmp_path):
     saved = json.loads((dest / "90_demo.results.json").read_text())
     assert saved["provenance"]["torch"] and saved["provenance"]["task_seconds"] == 12.5
     assert not (dest / "91_slow.results.json").exists()
+    assert not (dest / "92_smoke.results.json").exists() and "reduced sizes" in runs["92_smoke"]["status"]
 
     rows = {r["claim"]: r for r in fullscale.compare("90_demo", saved, json.loads((baselines / "90_demo.json").read_text()))}
     assert rows["flips"]["changes"] and not rows["stays"]["changes"]
