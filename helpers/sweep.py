@@ -131,6 +131,14 @@ def is_done(point: GridPoint, out: Path) -> bool:
     return not task.is_file() or json.loads(task.read_text()).get("status") == STATUS_OK
 
 
+def parameters_yaml(params: dict[str, Any]) -> str:
+    """The notebook parameters as the YAML file papermill's `-f` reads, types kept: YAML 1.1 (PyYAML) reads a JSON
+    float without a dot, such as 1e-05, as the string '1e-05', so the file is written by PyYAML itself."""
+    import yaml
+
+    return yaml.safe_dump(params, sort_keys=False, allow_unicode=True)
+
+
 # --------------------------------------------------------------------------------------------- one task
 def _cores() -> int:
     try:
@@ -206,8 +214,8 @@ def run_point(point: GridPoint, out: str, threads: int | None = None, timeout: f
     except (ImportError, ValueError):   # called outside a worker (tests, serial use)
         pass
     threads = threads or max(1, _cores() // nthreads)
-    params_file = folder / "parameters.json"   # JSON is YAML: papermill keeps the types (bool, int)
-    params_file.write_text(json.dumps(point.parameters(), indent=1))
+    params_file = folder / "parameters.yaml"   # papermill reads -f as YAML, where JSON's 1e-05 would be a str
+    params_file.write_text(parameters_yaml(point.parameters()))
     executed = folder / Path(point.notebook).name
     cmd = [sys.executable, "-m", "papermill", point.notebook, str(executed), "-f", str(params_file),
            "--cwd", str(Path(point.notebook).parent), "-k", "python3", "--no-progress-bar", "--log-level", "ERROR"]

@@ -83,6 +83,14 @@ def test_classify_and_spread():
         == 'RuntimeError: boom (Exception encountered at "In [2]")'
 
 
+def test_parameters_file_keeps_every_type_papermill_reads():
+    import yaml
+
+    params = {"MODEL": "/a b/m.gguf", "SEED": 1, "FAST": False, "LR": 1e-5, "SIZES": {"N": 4, "LR": 1e-05},
+              "DEVICE": None, "TASKS": ["antonym", "país → capital"], "X": "1e-05"}
+    assert yaml.safe_load(sweep.parameters_yaml(params)) == params    # JSON's 1e-05 would come back as a str
+
+
 def test_grid_two_models_two_seeds_local_cluster(tmp_path, tiny_model, capsys):
     """The default engine (a LocalCluster it starts itself, 2 workers): 2 models x 2 seeds, summary from the JSON."""
     book, out = tiny_notebook(tmp_path), tmp_path / "sweep"
