@@ -118,8 +118,14 @@ def collect(out: Path = FULL_RUNS, dest: Path | None = None) -> dict[str, Any]:
         if payload is not None and payload.get("context", {}).get("sizes"):   # a smoke run's SIZES: not the experiment
             entry["status"] = f"not collected: reduced sizes {payload['context']['sizes']}"
         elif payload is not None:
-            payload["provenance"] = {**prov, "task_seconds": task.get("seconds"), "threads": task.get("threads")}
-            (dest / found[0].name).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+            kept = dest / found[0].name
+            old = json.loads(kept.read_text()).get("provenance", {}) if kept.is_file() else {}
+            if old.get("task_seconds") == task.get("seconds") and old.get("finished") in (None, task.get("finished")):
+                payload["provenance"] = old   # the same run collected before: keep what produced it (commit, time)
+            else:
+                payload["provenance"] = {**prov, "task_seconds": task.get("seconds"), "threads": task.get("threads"),
+                                         "finished": task.get("finished")}
+            kept.write_text(json.dumps(payload, indent=1, default=str) + "\n")
             entry["cost"] = payload.get("cost")
             entry["summary"] = _counts(payload["records"])
         runs[notebook] = entry
@@ -180,7 +186,8 @@ def table(root: Path = RESULTS_FULL, baselines: Path = BASELINES) -> str:
         prov = runs.get("_provenance", {})
         parts += [f"## {folder.name}", "",
                   f"{prov.get('gpu') or prov.get('cpu', '?')}, {prov.get('cores', '?')} cores, torch "
-                  f"{prov.get('torch', '?')}, commit {str(prov.get('commit', '?'))[:7]}.", "",
+                  f"{prov.get('torch', '?')}; last collection at commit {str(prov.get('commit', '?'))[:7]} (each results JSON names "
+                  "the commit that produced it).", "",
                   "| notebook | status | wall time | torch threads | peak memory | claims | controls | checks |",
                   "|---|---|---|---|---|---|---|---|"]
         for nb, e in runs.items():

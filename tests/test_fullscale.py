@@ -21,7 +21,7 @@ def _sweep_folder(root, notebook, status, records=None, error="", context=None):
              "records": records}))
 
 
-def test_collect_and_table_mark_changed_verdicts(tmp_path):
+def test_collect_and_table_mark_changed_verdicts(tmp_path, monkeypatch):
     sweep_out, dest, baselines = tmp_path / "sweep", tmp_path / "full" / "cpu-test", tmp_path / "baselines"
     baselines.mkdir()
     base = [_record("stays", "claim", 1.0, "reproduced", True), _record("flips", "claim", 0.2, "not reproduced", False),
@@ -43,6 +43,10 @@ def test_collect_and_table_mark_changed_verdicts(tmp_path):
     assert saved["provenance"]["torch"] and saved["provenance"]["task_seconds"] == 12.5
     assert not (dest / "91_slow.results.json").exists()
     assert not (dest / "92_smoke.results.json").exists() and "reduced sizes" in runs["92_smoke"]["status"]
+    stamped = saved["provenance"]["collected"]
+    monkeypatch.setattr(fullscale, "provenance", lambda: {"commit": "later", "collected": "later"})
+    fullscale.collect(sweep_out, dest)                       # the same runs again: their provenance is kept
+    assert json.loads((dest / "90_demo.results.json").read_text())["provenance"]["collected"] == stamped
 
     rows = {r["claim"]: r for r in fullscale.compare("90_demo", saved, json.loads((baselines / "90_demo.json").read_text()))}
     assert rows["flips"]["changes"] and not rows["stays"]["changes"]
