@@ -56,10 +56,9 @@ def override_sizes(namespace: dict[str, Any], sizes: dict[str, Any] | None) -> d
     float or bool names already set in `namespace` (N_FACTS, MAX_LEN ...; not the parameters MODEL, SEED, FAST,
     which `setup` has already used) to values of the same type; any other name or a changed type raises. The overrides are added to the results' context
     (`sizes`), so a reduced run never passes for the real experiment. Returns what was changed ({} for None)."""
+    check_parameters(SIZES=sizes)
     if sizes is None:
         return {}
-    if not isinstance(sizes, dict):
-        raise TypeError(f"SIZES must be a dict of size names to values, got {type(sizes).__name__} {sizes!r}")
     known = sorted(k for k, v in namespace.items() if isinstance(k, str) and k.isupper() and k not in PARAMETER_TYPES
                    and isinstance(v, (int, float, bool)))
     for name, value in sizes.items():

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.inplace and parameters:   # committed notebooks, figures and baselines are the default run's
         raise SystemExit(f"--inplace writes the committed notebooks: run {sorted(parameters)} without it (into runs/)")
     RUNS.mkdir(exist_ok=True)
-    kernel_environment(args.inplace, args.jobs, write_baseline=args.inplace and not parameters)
+    kernel_environment(args.inplace, args.jobs, write_baseline=args.inplace)   # --inplace has no parameters (above)
     progress = not args.no_progress and args.jobs == 1
 
     def one(path: Path) -> tuple[str, str, float, str]:
