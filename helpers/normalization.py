@@ -244,7 +244,9 @@ def _check_rows(model, rows: Rows) -> None:
 def calibrate(model, rows: Rows, which: str | Sequence[str] = "all", batch_size: int = 16) -> dict[str, dict]:
     """Set each selected norm's `scale` to 1 / its mean rms over real non-BOS tokens of `rows`, and `bos_scale`
     to 1 / its mean rms at position 0, running the model in its current state (norms already frozen stay
-    frozen). Returns {name: {mean_rms, bos_rms, cv}} (cv: coefficient of variation of rms over tokens)."""
+    frozen). Rows whose input to a norm overflowed (a token of unusual scale through frozen norms) are left out
+    of its averages and counted; more than half overflowing raises. Returns {name: {mean_rms, bos_rms, cv, p01,
+    p99, overflow_rows}} (cv: coefficient of variation of rms over tokens)."""
     _check_rows(model, rows)
     chosen = select(model, which)
     for w in chosen:
@@ -257,20 +259,22 @@ def calibrate(model, rows: Rows, which: str | Sequence[str] = "all", batch_size:
         for w in chosen:
             w.recording = None
     stats = {}
-    body = rows.mask.clone()
-    body[:, 0] = False
     for w in chosen:
         r = recs[w.name]
-        vals, bos = r[body], r[:, 0]
-        if not (torch.isfinite(vals).all() and torch.isfinite(bos).all()):
-            raise FloatingPointError(f"{w.name}: its input overflows on the calibration rows (the model is already "
-                                     "unstable); freeze fewer norms at once or fine-tune longer between removals")
+        finite = torch.where(rows.mask, torch.isfinite(r), True).all(1)   # rows whose input did not overflow
+        if finite.sum() * 2 <= len(finite):
+            raise FloatingPointError(f"{w.name}: its input overflows on {int((~finite).sum())} of {len(finite)} "
+                                     "calibration rows (the model is already unstable); freeze fewer norms at once "
+                                     "or fine-tune longer between removals")
+        body = rows.mask[finite].clone()
+        body[:, 0] = False
+        vals, bos = r[finite][body], r[finite][:, 0]
         mean_r = float(vals.mean())
         w.scale.fill_(1.0 / mean_r)
         w.bos_scale.fill_(1.0 / float(bos.mean()))
         stats[w.name] = {"role": w.role, "layer": w.layer, "mean_rms": mean_r, "bos_rms": float(bos.mean()),
                          "cv": float(vals.std(correction=0) / mean_r), "p01": float(vals.quantile(0.01)),
-                         "p99": float(vals.quantile(0.99))}
+                         "p99": float(vals.quantile(0.99)), "overflow_rows": int((~finite).sum())}
     return stats
 
 
@@ -468,17 +472,34 @@ def removed_names(plan: Sequence[tuple[int, list[str] | str]]) -> list[str]:
     return [nm for _, a in plan if a != "bos_off" for nm in a]
 
 
+class History(list):
+    """Training losses of a fine-tune, one per step, with `skipped` and `calib_overflow`: (step, rows) left out of a
+    training step, or of the averages of the norms frozen at that step, because the rows overflowed."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.skipped: list[tuple[int, int]] = []          # training rows left out
+        self.calib_overflow: list[tuple[int, int]] = []   # calibration rows left out of a removal's averages
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(n for _, n in self.skipped)
+
+
 def finetune(model, train: Rows, steps: int, lr: float = 1e-4, batch_size: int = 8, seed: int = 0,
              plan: Sequence[tuple[int, list[str] | str]] = (), calib: Rows | None = None,
-             weight_decay: float = 0.0, warmup: int = 0, progress: bool = False) -> list[float]:
+             weight_decay: float = 0.0, warmup: int = 0, progress: bool = False, bos_ramp: int = 0) -> list[float]:
     """Full fine-tuning with AdamW on next-token loss over `train` (batches drawn with `seed`). At each step
     of `plan`, the named norms are calibrated on `calib` in the model's current state and frozen (Baroni et al.
-    recompute the average while a norm is live); 'bos_off' ends the first position's special constant.
-    With an empty plan this is the vanilla fine-tune. Returns the training loss of every step."""
+    recompute the average while a norm is live); 'bos_off' ends the first position's special constant: at once
+    (bos_ramp=0, as both papers do) or, ours, moving it geometrically to the shared constant over `bos_ramp` steps.
+    With an empty plan this is the vanilla fine-tune. Returns the training loss of every step (a `History`,
+    whose `.skipped` lists (step, rows) left out because their logits overflowed; every row overflowing raises).
+    A step whose gradient is not finite raises FloatingPointError before the weights are touched."""
     from tqdm.auto import tqdm
 
-    if steps < 1 or lr <= 0 or batch_size < 1:
-        raise ValueError("need steps >= 1, lr > 0, batch_size >= 1")
+    if steps < 1 or lr <= 0 or batch_size < 1 or bos_ramp < 0:
+        raise ValueError("need steps >= 1, lr > 0, batch_size >= 1, bos_ramp >= 0")
     if plan and calib is None:
         raise ValueError("a removal plan needs calib rows to compute each norm's average")
     _check_rows(model, train)
@@ -489,28 +510,56 @@ def finetune(model, train: Rows, steps: int, lr: float = 1e-4, batch_size: int =
     order = torch.cat([torch.randperm(len(train), generator=gen) for _ in range(steps * batch_size // len(train) + 1)])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    history, dev = [], _device(model)
+    history, dev, last, ramp = History(), _device(model), "no plan action yet", None
     for step in tqdm(range(steps), disable=not progress, desc="fine-tuning"):
         for action in actions.get(step, []):
             model.eval()
-            if action == "bos_off":
+            last = f"step {step}: " + ("bos_off" if action == "bos_off" else f"{len(action)} norms frozen")
+            if action == "bos_off" and bos_ramp:
+                ramp = (step, {w: (float(w.bos_scale), float(w.scale)) for w in norms(model) if w.frozen})
+            elif action == "bos_off":
                 for w in norms(model):
                     w.bos_special = False
             else:
-                calibrate(model, calib, action)
+                n_over = max(v["overflow_rows"] for v in calibrate(model, calib, action).values())
+                if n_over:
+                    history.calib_overflow.append((step, n_over))
                 for w in select(model, action):
                     w.frozen = True
+        if ramp is not None:                      # BOS's constant -> the shared one, geometrically
+            t = min(1.0, (step - ramp[0] + 1) / bos_ramp)
+            for w, (b, a) in ramp[1].items():
+                w.bos_scale.fill_(b ** (1 - t) * a ** t)
+            if t >= 1.0:
+                for w in norms(model):
+                    w.bos_special = False
+                ramp = None
         model.train()
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
         idx = order[step * batch_size:(step + 1) * batch_size]
         tok, m = train.tokens[idx].to(dev), train.mask[idx].to(dev)
         labels = tok.masked_fill(~m, -100)
-        loss = model(input_ids=tok, attention_mask=m.long(), labels=labels).loss
+        out = model(input_ids=tok, attention_mask=m.long(), labels=labels)
+        if not torch.isfinite(out.loss):   # rows whose logits overflowed are left out of this step, and counted
+            ok = torch.isfinite(out.logits.detach()).flatten(1).all(1)
+            if not bool(ok.any()):
+                raise FloatingPointError(f"loss became {out.loss.item()} at step {step} in every row of the batch "
+                                         f"(last plan action: {last}); lower lr")
+            history.skipped.append((step, int((~ok).sum())))
+            del out
+            out = model(input_ids=tok[ok], attention_mask=m[ok].long(), labels=labels[ok])
+        loss = out.loss
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower lr")
+            raise FloatingPointError(f"loss became {loss.item()} at step {step} (last plan action: {last}); lower lr")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not torch.isfinite(grad_norm):
+            opt.zero_grad(set_to_none=True)
+            model.eval()
+            raise FloatingPointError(f"gradient norm became {float(grad_norm)} at step {step} (loss {loss.item():.3g}; "
+                                     f"last plan action: {last}); the weights are those before this step. Lower lr, "
+                                     "or, if it follows bos_off, move BOS's constant gradually (bos_ramp)")
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append(float(loss.detach()))

@@ -278,3 +278,74 @@ def test_scale_deviation_is_zero_for_a_token_at_the_mean_and_cosine_of_identical
     after = {"w": torch.ones(2, 2)}
     assert N.update_cosine(before, after, after, "w") == pytest.approx(1.0)
     assert N.relative_weight_change({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)}, skip=["w"]) == []
+
+
+def _overflow_rows(n: int = 8, bad: tuple[int, ...] = (0, 1)) -> N.Rows:
+    """Rows where only those in `bad` hold token 63, whose embedding is made huge by `_huge_token`."""
+    r = rows(n=n, ragged=False)
+    r.tokens[r.tokens == 63] = 5
+    for i in bad:
+        r.tokens[i, 3] = 63
+    return r
+
+
+def _huge_token(model) -> None:
+    with torch.no_grad():
+        model.model.embed_tokens.weight[63] = 1e30
+
+
+def test_finetune_leaves_out_rows_whose_logits_overflow_and_counts_them():
+    model = tiny_llama()
+    N.install(model)
+    N.calibrate(model, rows(n=8))
+    N.set_frozen(model, "all")
+    _huge_token(model)
+    hist = N.finetune(model, _overflow_rows(), steps=2, lr=1e-3, batch_size=8)
+    assert hist.skipped == [(0, 2), (1, 2)] and hist.rows_skipped == 4
+    assert all(torch.isfinite(torch.tensor(list(hist))))
+    assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad and p.shape[0] != 64)
+    with pytest.raises(FloatingPointError, match="every row"):
+        N.finetune(model, _overflow_rows(n=4, bad=(0, 1, 2, 3)), steps=1, lr=1e-3, batch_size=4)
+
+
+def test_calibrate_leaves_out_overflowing_rows_until_half_of_them_overflow():
+    model = tiny_llama()
+    N.install(model)
+    clean = N.calibrate(model, _overflow_rows(bad=()))
+    N.set_frozen(model, ["model.layers.0.post_attention_layernorm"])
+    _huge_token(model)
+    stats = N.calibrate(model, _overflow_rows(bad=(0, 1)), ["model.layers.1.input_layernorm"])
+    s = stats["model.layers.1.input_layernorm"]
+    assert s["overflow_rows"] == 2 and 0 < s["mean_rms"] < float("inf")
+    assert clean["model.layers.1.input_layernorm"]["overflow_rows"] == 0
+    with pytest.raises(FloatingPointError, match="4 of 8 calibration rows"):
+        N.calibrate(model, _overflow_rows(bad=(0, 1, 2, 3)), ["model.layers.1.input_layernorm"])
+
+
+def test_finetune_stops_before_a_step_with_a_non_finite_gradient_touches_the_weights():
+    model, r = tiny_llama(), rows(n=8)
+    N.install(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.model.layers[1].mlp.down_proj.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(FloatingPointError, match="gradient norm became nan at step 0"):
+        N.finetune(model, r, steps=2, lr=1e-3, batch_size=4)
+    assert all(torch.allclose(v, model.state_dict()[k], rtol=0, atol=0, equal_nan=True) for k, v in before.items())
+
+
+def test_bos_ramp_moves_the_first_position_constant_geometrically_to_the_shared_one():
+    def run(steps: int):
+        model, r = tiny_llama(), rows(n=8)
+        N.install(model)
+        plan = N.schedule(model, steps_per_stage=1)
+        N.finetune(model, r, steps=plan[-1][0] + steps, lr=1e-4, batch_size=4, plan=plan, calib=r, bos_ramp=4)
+        return model, N.norms(model)[0]
+    _, w0 = run(0)                      # every norm frozen, the ramp not started
+    b, a = float(w0.bos_scale), float(w0.scale)
+    m2, w2 = run(2)                     # halfway: BOS still special, its constant the geometric mean
+    assert all(x.frozen and x.bos_special for x in N.norms(m2))
+    assert float(w2.bos_scale) == pytest.approx((a * b) ** 0.5, rel=1e-5) and abs(a - b) > 1e-3 * a
+    m4, w4 = run(4)                     # done: BOS shares the constant
+    assert all(not x.bos_special for x in N.norms(m4))
+    assert float(w4.bos_scale) == pytest.approx(a, rel=1e-5)
+    with pytest.raises(ValueError, match="bos_ramp"):
+        N.finetune(m4, rows(), steps=1, bos_ramp=-1)
