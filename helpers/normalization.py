@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from helpers.finetune import only_layers_from
 
+EXPLODED = 1e3   # ours: a calibration token whose input rms exceeds this many times the median has exploded
 ROLES = ("mlp_in", "attn_in", "other", "final")   # the paper's removal order: MLP inputs, attention inputs, final
 ROLE_LABELS = {"mlp_in": "MLP input", "attn_in": "attention input", "other": "other (post/qk norms)", "final": "final"}
 
@@ -244,8 +245,9 @@ def _check_rows(model, rows: Rows) -> None:
 def calibrate(model, rows: Rows, which: str | Sequence[str] = "all", batch_size: int = 16) -> dict[str, dict]:
     """Set each selected norm's `scale` to 1 / its mean rms over real non-BOS tokens of `rows`, and `bos_scale`
     to 1 / its mean rms at position 0, running the model in its current state (norms already frozen stay
-    frozen). Rows whose input to a norm overflowed (a token of unusual scale through frozen norms) are left out
-    of its averages and counted; more than half overflowing raises. Returns {name: {mean_rms, bos_rms, cv, p01,
+    frozen). Rows whose input to a norm overflowed or exploded (a token above EXPLODED x the median rms: a token
+    of unusual scale through frozen norms) are left out of its averages and counted, since one such token makes
+    the mean meaningless; more than half of the rows left out raises. Returns {name: {mean_rms, bos_rms, cv, p01,
     p99, overflow_rows}} (cv: coefficient of variation of rms over tokens)."""
     _check_rows(model, rows)
     chosen = select(model, which)
@@ -259,13 +261,18 @@ def calibrate(model, rows: Rows, which: str | Sequence[str] = "all", batch_size:
         for w in chosen:
             w.recording = None
     stats = {}
+    body_all = rows.mask.clone()
+    body_all[:, 0] = False
     for w in chosen:
         r = recs[w.name]
-        finite = torch.where(rows.mask, torch.isfinite(r), True).all(1)   # rows whose input did not overflow
+        finite = torch.where(rows.mask, torch.isfinite(r), True).all(1)   # rows whose input did not overflow ...
+        if finite.any():                                                   # ... nor explode (EXPLODED x the median)
+            limit = EXPLODED * float(r[finite][body_all[finite]].median())
+            finite &= torch.where(body_all, r.nan_to_num(float("inf")) <= limit, True).all(1)
         if finite.sum() * 2 <= len(finite):
-            raise FloatingPointError(f"{w.name}: its input overflows on {int((~finite).sum())} of {len(finite)} "
-                                     "calibration rows (the model is already unstable); freeze fewer norms at once "
-                                     "or fine-tune longer between removals")
+            raise FloatingPointError(f"{w.name}: its input overflows or explodes on {int((~finite).sum())} of "
+                                     f"{len(finite)} calibration rows (the model is already unstable); freeze fewer "
+                                     "norms at once or fine-tune longer between removals")
         body = rows.mask[finite].clone()
         body[:, 0] = False
         vals, bos = r[finite][body], r[finite][:, 0]

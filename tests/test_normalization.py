@@ -349,3 +349,13 @@ def test_bos_ramp_moves_the_first_position_constant_geometrically_to_the_shared_
     assert float(w4.bos_scale) == pytest.approx(a, rel=1e-5)
     with pytest.raises(ValueError, match="bos_ramp"):
         N.finetune(m4, rows(), steps=1, bos_ramp=-1)
+
+
+def test_calibrate_leaves_out_rows_whose_input_explodes_so_one_token_cannot_set_the_average():
+    model = tiny_llama()
+    N.install(model)
+    clean = N.calibrate(model, _overflow_rows(bad=()))["model.layers.0.input_layernorm"]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[63] = 1e4 * N.EXPLODED   # finite, but far above every other token
+    s = N.calibrate(model, _overflow_rows(bad=(0, 1)))["model.layers.0.input_layernorm"]
+    assert s["overflow_rows"] == 2 and s["mean_rms"] == pytest.approx(clean["mean_rms"], rel=0.5)
