@@ -481,12 +481,14 @@ def removed_names(plan: Sequence[tuple[int, list[str] | str]]) -> list[str]:
 
 class History(list):
     """Training losses of a fine-tune, one per step, with `skipped` and `calib_overflow`: (step, rows) left out of a
-    training step, or of the averages of the norms frozen at that step, because the rows overflowed."""
+    training step, or of the averages of the norms frozen at that step, because the rows overflowed; and
+    `skipped_steps`, the steps not taken because their gradient was not finite (their loss is NaN here)."""
 
     def __init__(self, *args):
         super().__init__(*args)
         self.skipped: list[tuple[int, int]] = []          # training rows left out
         self.calib_overflow: list[tuple[int, int]] = []   # calibration rows left out of a removal's averages
+        self.skipped_steps: list[int] = []                 # steps whose gradient was not finite (loss NaN there)
 
     @property
     def rows_skipped(self) -> int:
@@ -502,7 +504,8 @@ def finetune(model, train: Rows, steps: int, lr: float = 1e-4, batch_size: int =
     (bos_ramp=0, as both papers do) or, ours, moving it geometrically to the shared constant over `bos_ramp` steps.
     With an empty plan this is the vanilla fine-tune. Returns the training loss of every step (a `History`,
     whose `.skipped` lists (step, rows) left out because their logits overflowed; every row overflowing raises).
-    A step whose gradient is not finite raises FloatingPointError before the weights are touched."""
+    A step whose gradient is not finite is skipped (no update) and counted; more than a quarter of the steps
+    skipped raises FloatingPointError."""
     from tqdm.auto import tqdm
 
     if steps < 1 or lr <= 0 or batch_size < 1 or bos_ramp < 0:
@@ -561,12 +564,17 @@ def finetune(model, train: Rows, steps: int, lr: float = 1e-4, batch_size: int =
             raise FloatingPointError(f"loss became {loss.item()} at step {step} (last plan action: {last}); lower lr")
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if not torch.isfinite(grad_norm):
+        if not torch.isfinite(grad_norm):   # an exploding row: skip the step (as loss scaling does), count it
             opt.zero_grad(set_to_none=True)
-            model.eval()
-            raise FloatingPointError(f"gradient norm became {float(grad_norm)} at step {step} (loss {loss.item():.3g}; "
-                                     f"last plan action: {last}); the weights are those before this step. Lower lr, "
-                                     "or, if it follows bos_off, move BOS's constant gradually (bos_ramp)")
+            history.skipped_steps.append(step)
+            history.append(float("nan"))
+            if len(history.skipped_steps) > max(1, steps // 4):
+                model.eval()
+                raise FloatingPointError(f"the gradient was not finite in {len(history.skipped_steps)} of {step + 1} "
+                                         f"steps (last at step {step}, loss {loss.item():.3g}; last plan action: "
+                                         f"{last}); the weights are those before those steps. Lower lr, or, if it "
+                                         "follows bos_off, move BOS's constant gradually (bos_ramp)")
+            continue
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append(float(loss.detach()))
