@@ -247,7 +247,7 @@ def calibrate(model, rows: Rows, which: str | Sequence[str] = "all", batch_size:
     to 1 / its mean rms at position 0, running the model in its current state (norms already frozen stay
     frozen). Rows whose input to a norm overflowed or exploded (a token above EXPLODED x the median rms: a token
     of unusual scale through frozen norms) are left out of its averages and counted, since one such token makes
-    the mean meaningless; more than half of the rows left out raises. Returns {name: {mean_rms, bos_rms, cv, p01,
+    the mean meaningless; half of the rows or more left out raises. Returns {name: {mean_rms, bos_rms, cv, p01,
     p99, overflow_rows}} (cv: coefficient of variation of rms over tokens)."""
     _check_rows(model, rows)
     chosen = select(model, which)
@@ -505,7 +505,7 @@ def finetune(model, train: Rows, steps: int, lr: float = 1e-4, batch_size: int =
     With an empty plan this is the vanilla fine-tune. Returns the training loss of every step (a `History`,
     whose `.skipped` lists (step, rows) left out because their logits overflowed; every row overflowing raises).
     A step whose gradient is not finite is skipped (no update) and counted; more than a quarter of the steps
-    skipped raises FloatingPointError."""
+    (and more than one) skipped raises FloatingPointError. A BOS ramp that could not finish within `steps` raises."""
     from tqdm.auto import tqdm
 
     if steps < 1 or lr <= 0 or batch_size < 1 or bos_ramp < 0:
@@ -516,6 +516,9 @@ def finetune(model, train: Rows, steps: int, lr: float = 1e-4, batch_size: int =
     actions: dict[int, list] = {}
     for step, action in plan:
         actions.setdefault(int(step), []).append(action)
+        if action == "bos_off" and bos_ramp and int(step) < steps < int(step) + bos_ramp:
+            raise ValueError(f"the BOS ramp starts at step {step} and needs {bos_ramp} steps, more than the {steps} "
+                             "steps of this fine-tune: it would end with BOS between two constants")
     gen = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(train), generator=gen) for _ in range(steps * batch_size // len(train) + 1)])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -551,7 +554,8 @@ def finetune(model, train: Rows, steps: int, lr: float = 1e-4, batch_size: int =
         tok, m = train.tokens[idx].to(dev), train.mask[idx].to(dev)
         labels = tok.masked_fill(~m, -100)
         out = model(input_ids=tok, attention_mask=m.long(), labels=labels)
-        if not torch.isfinite(out.loss):   # rows whose logits overflowed are left out of this step, and counted
+        if not torch.isfinite(out.loss):   # rows whose logits overflowed (anywhere, padding included: an overflow
+                                           # there would still poison the gradient) leave this step, counted
             ok = torch.isfinite(out.logits.detach()).flatten(1).all(1)
             if not bool(ok.any()):
                 raise FloatingPointError(f"loss became {out.loss.item()} at step {step} in every row of the batch "

@@ -343,22 +343,27 @@ def test_finetune_skips_a_step_with_a_non_finite_gradient_and_stops_when_they_re
 
 
 def test_bos_ramp_moves_the_first_position_constant_geometrically_to_the_shared_one():
-    def run(steps: int):
+    def run(steps: int, seen: list | None = None):
         model, r = tiny_llama(), rows(n=8)
         N.install(model)
         plan = N.schedule(model, steps_per_stage=1)
+        w = N.norms(model)[0]
+        if seen is not None:   # BOS's constant at every training forward pass
+            w.register_forward_hook(lambda mod, i, o: seen.append(float(mod.bos_scale)) if model.training else None)
         N.finetune(model, r, steps=plan[-1][0] + steps, lr=1e-4, batch_size=4, plan=plan, calib=r, bos_ramp=4)
-        return model, N.norms(model)[0]
-    _, w0 = run(0)                      # every norm frozen, the ramp not started
+        return model, w, plan[-1][0]
+    _, w0, _ = run(0)                   # every norm frozen, the ramp not started
     b, a = float(w0.bos_scale), float(w0.scale)
-    m2, w2 = run(2)                     # halfway: BOS still special, its constant the geometric mean
-    assert all(x.frozen and x.bos_special for x in N.norms(m2))
-    assert float(w2.bos_scale) == pytest.approx((a * b) ** 0.5, rel=1e-5) and abs(a - b) > 1e-3 * a
-    m4, w4 = run(4)                     # done: BOS shares the constant
+    seen: list[float] = []
+    m4, w4, start = run(4, seen)        # halfway (step start + 1): the geometric mean; done: the shared constant
+    assert seen[start + 1] == pytest.approx((a * b) ** 0.5, rel=1e-5) and abs(a - b) > 1e-3 * a
     assert all(not x.bos_special for x in N.norms(m4))
     assert float(w4.bos_scale) == pytest.approx(a, rel=1e-5)
     with pytest.raises(ValueError, match="bos_ramp"):
         N.finetune(m4, rows(), steps=1, bos_ramp=-1)
+    with pytest.raises(ValueError, match="BOS ramp starts at step"):
+        run(2)
+
 
 
 def test_calibrate_leaves_out_rows_whose_input_explodes_so_one_token_cannot_set_the_average():
