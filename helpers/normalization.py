@@ -268,14 +268,12 @@ def calibrate(model, rows: Rows, which: str | Sequence[str] = "all", batch_size:
         finite = torch.where(rows.mask, torch.isfinite(r), True).all(1)   # rows whose input did not overflow ...
         if finite.any():                                                   # ... nor explode (EXPLODED x the median)
             limit = EXPLODED * float(r[finite][body_all[finite]].median())
-            finite &= torch.where(body_all, r.nan_to_num(float("inf")) <= limit, True).all(1)
+            finite &= torch.where(body_all, r <= limit, True).all(1)        # NaN and inf compare False
         if finite.sum() * 2 <= len(finite):
             raise FloatingPointError(f"{w.name}: its input overflows or explodes on {int((~finite).sum())} of "
                                      f"{len(finite)} calibration rows (the model is already unstable); freeze fewer "
                                      "norms at once or fine-tune longer between removals")
-        body = rows.mask[finite].clone()
-        body[:, 0] = False
-        vals, bos = r[finite][body], r[finite][:, 0]
+        vals, bos = r[finite][body_all[finite]], r[finite][:, 0]
         mean_r = float(vals.mean())
         w.scale.fill_(1.0 / mean_r)
         w.bos_scale.fill_(1.0 / float(bos.mean()))
@@ -497,7 +495,7 @@ class History(list):
 
 def finetune(model, train: Rows, steps: int, lr: float = 1e-4, batch_size: int = 8, seed: int = 0,
              plan: Sequence[tuple[int, list[str] | str]] = (), calib: Rows | None = None,
-             weight_decay: float = 0.0, warmup: int = 0, progress: bool = False, bos_ramp: int = 0) -> list[float]:
+             weight_decay: float = 0.0, warmup: int = 0, progress: bool = False, bos_ramp: int = 0) -> History:
     """Full fine-tuning with AdamW on next-token loss over `train` (batches drawn with `seed`). At each step
     of `plan`, the named norms are calibrated on `calib` in the model's current state and frozen (Baroni et al.
     recompute the average while a norm is live); 'bos_off' ends the first position's special constant: at once

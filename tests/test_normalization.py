@@ -365,7 +365,6 @@ def test_bos_ramp_moves_the_first_position_constant_geometrically_to_the_shared_
         run(2)
 
 
-
 def test_calibrate_leaves_out_rows_whose_input_explodes_so_one_token_cannot_set_the_average():
     model = tiny_llama()
     N.install(model)
