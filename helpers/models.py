@@ -237,12 +237,14 @@ def save_tiny_model(folder: str | Path, architecture: str = "llama", n_layers: i
     """Save a small model with random weights and the default model's tokenizer (vocabulary 49152) as a local
     Hugging Face folder that `load_model` accepts: for smoke runs of the notebooks' full-scale paths and for
     tests of other architectures. "llama" mirrors SmolLM2's layout (RMSNorm, rotary, grouped-query attention
-    with a third of the heads for keys/values, tied embeddings); "gpt2" has LayerNorm and learned positions.
-    It knows nothing: what it runs says a code path works, never that a result holds."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    with a third of the heads for keys/values, tied embeddings); "gpt2" has LayerNorm and learned positions;
+    "gemma3" mirrors Gemma-3's (per-head Q/K norms, one key/value head, sliding-window layers with a 6-token
+    window, every fourth layer global). It knows nothing: what it runs says a code path works, never that a result holds."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
 
-    if architecture not in ("llama", "gpt2"):
-        raise ValueError(f"architecture must be 'llama' or 'gpt2', got {architecture!r}")
+    if architecture not in ("llama", "gpt2", "gemma3"):
+        raise ValueError(f"architecture must be 'llama', 'gpt2' or 'gemma3', got {architecture!r}")
     if d_model % n_heads:
         raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
     folder = Path(folder)
@@ -256,6 +258,14 @@ def save_tiny_model(folder: str | Path, architecture: str = "llama", n_layers: i
                              max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0,
                              tie_word_embeddings=True, **ids)
         model = LlamaForCausalLM(config)
+    elif architecture == "gemma3":
+        layer_types = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n_layers)]
+        config = Gemma3TextConfig(vocab_size=49152, hidden_size=d_model, intermediate_size=2 * d_model,
+                                  num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=1,
+                                  head_dim=d_model // n_heads, query_pre_attn_scalar=d_model // n_heads,
+                                  sliding_window=6, layer_types=layer_types, max_position_embeddings=2048,
+                                  tie_word_embeddings=True, **ids)
+        model = Gemma3ForCausalLM(config)
     else:
         config = GPT2Config(vocab_size=49152, n_layer=n_layers, n_embd=d_model, n_head=n_heads, n_positions=2048, **ids)
         model = GPT2LMHeadModel(config)
@@ -382,6 +392,7 @@ def load_model(
     random_weights: bool = False,
     seed: int = 0,
     compat: bool = True,
+    fast: bool = True,
     device_map: str | dict | None = None,
     n_devices: int | None = None,
     verbose: bool = True,
@@ -394,12 +405,15 @@ def load_model(
         dtype: default float32.
         random_weights: the same architecture with random initial weights (a control); seeded by `seed`.
         compat: False keeps the bridge's native hook names and raw HF numerics.
+        fast: fused (SDPA) attention in every layer whose pattern nothing hooks, and norms computed once
+            when nothing hooks their scale (`helpers.fast_bridge`); False: TransformerLens's own paths.
         device_map, n_devices: passed to TransformerLens to spread a large hub model over several GPUs.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    if not isinstance(random_weights, bool):
-        raise TypeError(f"random_weights must be a bool, got {random_weights!r}")
+    for flag, value in (("random_weights", random_weights), ("fast", fast)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {value!r}")
     t0 = time.perf_counter()
     kind, location, display = resolve(name)
     hub_name = OFFLINE_MODELS[display]["hub_name"] if display in OFFLINE_MODELS else str(display)
@@ -423,6 +437,10 @@ def load_model(
         has_attn_bias = bool(getattr(bridge.original_model.config, "attention_bias", True))
         bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False,
                                          fold_value_biases=has_attn_bias)
+        if fast:
+            from helpers import fast_bridge
+
+            fast_bridge.install(bridge)
     bridge.eval()
     label = display + (" (random weights)" if random_weights else "")
     bridge.workbook_name = label  # what results tables call this model

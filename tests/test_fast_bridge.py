@@ -1,0 +1,138 @@
+"""The bridge's fast paths (helpers.fast_bridge) change speed, never results: fused attention agrees with
+TransformerLens's step-by-step attention to float32 rounding, single-pass norms agree bit for bit, and any
+hook on a pattern, a score or a norm's scale sends that call back to TransformerLens's own path."""
+import pytest
+import torch
+
+import helpers
+from helpers import fast_bridge as F
+from helpers import interventions as I
+from helpers import models
+from tests.conftest import EIFFEL
+
+PROMPTS = [EIFFEL, "Hi", "One two three four five six seven eight nine ten eleven twelve"]
+
+
+def close(fast: torch.Tensor, slow: torch.Tensor) -> bool:
+    """Within float32 rounding of the logits' scale: |Δ| <= 1e-5 x max |logit| (issue 24's bar)."""
+    return bool((fast - slow).abs().max() <= 1e-5 * slow.abs().max())
+
+
+def both(model, run):
+    """`run()` with the fast paths, then with TransformerLens's own paths (and the fast paths back)."""
+    fast = run()
+    F.uninstall(model)
+    try:
+        slow = run()
+    finally:
+        F.install(model)
+    return fast, slow
+
+
+def test_every_layer_gets_the_fast_paths(model):
+    assert F.installed(model) == {"attention": model.cfg.n_layers, "norm": 2 * model.cfg.n_layers + 1}
+    assert all(F.why_not(a) is None for a in F._attention_layers(model))
+
+
+@torch.no_grad()
+def test_fused_attention_matches_step_by_step(model):
+    tokens = torch.randint(100, 40000, (3, 40), generator=torch.Generator().manual_seed(0))
+    fast, slow = both(model, lambda: model(tokens))
+    assert close(fast, slow) and not torch.equal(fast, slow)  # SDPA really ran, and agrees
+
+
+@torch.no_grad()
+def test_left_padding_cache_steering_and_patching_agree(model):
+    tokens = I.to_tokens(model, PROMPTS)
+    mask = I.attention_mask(model, tokens)
+    assert not mask.all()  # the batch is really padded
+    fast, slow = both(model, lambda: model(tokens, attention_mask=mask))
+    assert torch.isfinite(fast).all() and close(fast[mask.bool()], slow[mask.bool()])
+    vec = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    assert close(*both(model, lambda: I.add_vector(model, PROMPTS, vec, 5, scale=4.0)))
+    name = I.resid_name(model, 12)
+    fast, slow = both(model, lambda: I.run_with_cache(model, PROMPTS, [name])[1][name])
+    assert close(fast, slow)
+
+
+def test_single_pass_norms_are_bit_identical(model):
+    tokens = torch.randint(100, 40000, (2, 24), generator=torch.Generator().manual_seed(2))
+    attn = {a: a.__dict__.pop("forward") for a in F._attention_layers(model)}  # norms fast, attention not
+    try:
+        with torch.no_grad():
+            fast, slow = both(model, lambda: model(tokens))
+    finally:
+        for a, fwd in attn.items():
+            a.__dict__["forward"] = fwd
+    assert torch.equal(fast, slow)
+
+
+def test_hooks_on_patterns_scores_and_scales_take_the_slow_path(model, monkeypatch):
+    taken = []
+    real = F._fused_now
+    monkeypatch.setattr(F, "_fused_now", lambda a, kw: taken.append(real(a, kw)) or taken[-1])
+    tokens = torch.randint(100, 40000, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(tokens)
+        assert taken == [True] * model.cfg.n_layers
+        taken.clear()
+        pattern = "blocks.3.attn.hook_pattern"
+        _, cache = model.run_with_cache(tokens, names_filter=[pattern])
+        assert taken.count(False) == 1 and not taken[3]
+        rows = cache[pattern].sum(-1)
+        assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)  # a real softmax pattern was cached
+        # an edit of the scores must still act: blinding every head of layer 3 to all but BOS changes the output
+        def bos_only(scores, hook):
+            scores[..., 1:] = -torch.inf
+            return scores
+
+        edited = model.run_with_hooks(tokens, fwd_hooks=[("blocks.3.attn.hook_attn_scores", bos_only)])
+        F.uninstall(model)
+        try:
+            reference = model.run_with_hooks(tokens, fwd_hooks=[("blocks.3.attn.hook_attn_scores", bos_only)])
+        finally:
+            F.install(model)
+        assert close(edited, reference) and not close(edited, model(tokens))
+    seen = []
+    with model.hooks(fwd_hooks=[("blocks.2.ln1.hook_scale", lambda x, hook: seen.append(x.shape))]):
+        with torch.no_grad():
+            model(tokens)
+    assert seen == [torch.Size([2, 16, 1])]  # the norm's own hook point still fires when hooked
+
+
+def test_gradients_stay_finite_with_left_padding(model):
+    tokens = I.to_tokens(model, PROMPTS)
+    logits = model(tokens, attention_mask=I.attention_mask(model, tokens))
+    logits[:, -1].logsumexp(-1).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@torch.no_grad()
+def test_generation_with_a_kv_cache_is_unchanged(model):
+    fast, slow = both(model, lambda: model.generate(EIFFEL, max_new_tokens=6, do_sample=False, verbose=False))
+    assert fast == slow
+
+
+def test_sliding_window_and_qk_norms_of_a_tiny_gemma3(tmp_path):
+    """Gemma-3's layout (per-head Q/K norms, sliding-window layers, one key/value head): a random tiny copy with
+    a 6-token window, so a 20-token input really slides; fused == step by step == the Hugging Face model."""
+    folder = models.save_tiny_model(tmp_path / "gemma", architecture="gemma3", n_layers=4, d_model=128, n_heads=4)
+    small = helpers.load_model(str(folder), device="cpu", verbose=False)
+    assert F.installed(small)["attention"] == 4
+    hf, _ = models.load_hf(str(folder), device="cpu")
+    tokens = torch.randint(100, 40000, (3, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast, slow = both(small, lambda: small(tokens))
+        reference = hf(tokens).logits
+        hf.config.sliding_window = 64  # the window really matters at 20 tokens
+        unwindowed = hf(tokens).logits
+    assert close(fast, slow) and close(slow, reference) and not close(unwindowed, reference)
+
+
+def test_load_model_fast_flag(model):
+    with pytest.raises(TypeError, match="fast must be a bool"):
+        helpers.load_model(fast="yes")
+    plain = helpers.load_model(fast=False, verbose=False)
+    assert F.installed(plain) == {"attention": 0, "norm": 0}
