@@ -3,7 +3,8 @@
 Measures, each in a fresh subprocess so times and peak memory are not polluted by earlier steps:
 1. cold load (dequantizing the GGUF into an empty cache) vs cached load of the default model;
 2. forward throughput (tokens/s) at one batch shape, round robin so machine noise hits every row alike: raw
-   transformers (SDPA and eager attention), the TransformerLens bridge, `run_with_cache` with a names filter,
+   transformers (SDPA and eager attention), the TransformerLens bridge with the workbook's fast paths and with
+   TransformerLens's own (`load_model(fast=False)`), `run_with_cache` with a names filter,
    a steering and a patching forward through `helpers.interventions`, the same reads and steering as plain
    forward hooks on the Hugging Face modules, and nnsight (optional: `pip install nnsight`);
 3. one representative sweep (a perturbation curve) batched vs one forward pass per point;
@@ -48,7 +49,8 @@ BATCH, SEQ, REPEATS = {batch}, {seq}, {repeats}
 hf, _ = helpers.load_hf()                      # the raw Hugging Face model (SDPA attention)
 hf_eager, _ = helpers.load_hf()
 hf_eager.config._attn_implementation = "eager"  # the attention the bridge reimplements step by step
-bridge = helpers.load_model(verbose=False)
+bridge = helpers.load_model(verbose=False)             # with the fast paths (helpers.fast_bridge), the default
+bridge_tl = helpers.load_model(fast=False, verbose=False)  # TransformerLens's own attention and norms
 tokens = torch.randint(100, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
 n = bridge.cfg.n_layers
 names = [I.resid_name(bridge, l) for l in range(n + 1)]
@@ -76,9 +78,11 @@ runs = {{
     "transformers (raw HF model, SDPA attention)": lambda: hf(tokens).logits,
     "transformers, eager attention": lambda: hf_eager(tokens).logits,
     "TransformerLens bridge": lambda: bridge(tokens),
+    "bridge, TransformerLens's own paths (load_model(fast=False))": lambda: bridge_tl(tokens),
     "bridge run_with_cache, names filter (resid, all layers)": lambda: bridge.run_with_cache(tokens, names_filter=lambda x: x in names),
     "bridge steering: interventions.add_vector at one layer": lambda: I.add_vector(bridge, tokens, vec, mid, return_pos=None),
     "bridge patching: interventions.patch of one layer's resid": lambda: I.patch(bridge, tokens, source, return_pos=None),
+    "bridge run_with_cache, TransformerLens's own paths": lambda: bridge_tl.run_with_cache(tokens, names_filter=lambda x: x in names),
     "HF forward hooks: read every layer's resid": hf_read_all,
     "HF forward hook: steer one layer": hf_steer,
 }}
@@ -108,8 +112,11 @@ with torch.no_grad():
     for _ in range(REPEATS):  # round robin, so a slow moment of the machine hits every row alike
         for label, fn in runs.items():
             t0 = time.perf_counter(); fn(); times[label].append(time.perf_counter() - t0)
+    fast, own, raw = bridge(tokens), bridge_tl(tokens), hf(tokens).logits
+agree = {{"max_abs_fast_vs_own": float((fast - own).abs().max()), "max_abs_raw_vs_own": float((raw - own).abs().max()),
+         "logit_scale": float(own.abs().max())}}
 out = {{label: BATCH * SEQ / statistics.median(t) for label, t in times.items()}}
-print(json.dumps({{"tokens_per_s": out, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+print(json.dumps({{"tokens_per_s": out, "agree": agree, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
 SWEEP_SNIPPET = """
@@ -165,7 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-notebooks", action="store_true")
     parser.add_argument("--nb", nargs="*", help="only these notebooks")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
@@ -192,7 +199,11 @@ def main() -> None:
     print(f"\n| forward pass, {args.batch} x {args.seq} tokens, median of {args.repeats} | tokens/s | time / raw |\n|---|---|---|")
     for label, value in tp["tokens_per_s"].items():
         print(f"| {label} | {value:,.0f} | {raw / value:.2f}x |")
-    print(f"| peak memory, throughput process (two HF models + bridge) | {tp['peak_mb']:.0f} MB | |")
+    print(f"| peak memory, throughput process (two HF models + two bridges) | {tp['peak_mb']:.0f} MB | |")
+    agree = tp["agree"]
+    print(f"\nlogits, max |difference| over the batch (largest |logit| {agree['logit_scale']:.1f}): fast paths vs "
+          f"TransformerLens's own {agree['max_abs_fast_vs_own']:.1e}; raw HF (SDPA) vs TransformerLens's own "
+          f"{agree['max_abs_raw_vs_own']:.1e}")
     sweep = run_python(SWEEP_SNIPPET.format())
     report["batched_sweep"] = sweep
     print(f"\n| perturbation sweep, {sweep['points']} points (plateaus.perturbation_curve) | seconds |\n|---|---|")

@@ -5,7 +5,7 @@
     model = helpers.load_model(MODEL, device=DEVICE)
 
 Three layers; a module imports only from its own layer or the ones above it in this list (tests check it):
-- infrastructure: paths (leaf), env, models, interventions, plotting, results, runner, sweep, fullscale;
+- infrastructure: paths (leaf), env, models, fast_bridge, interventions, plotting, results, runner, sweep, fullscale;
 - shared methods, one concept each: stats, probes, geometry, finetune, editing, toy, sae, graphs, patching,
   calibration;
 - one experiment's code, written for its notebook: superposition (01), plateaus (02), linear_rep (03),
@@ -14,7 +14,7 @@ Three layers; a module imports only from its own layer or the ones above it in t
 Heavy libraries (transformers, TransformerLens, peft, scikit-learn) are imported lazily where they are used.
 """
 LAYERS: dict[str, tuple[str, ...]] = {
-    "infrastructure": ("paths", "env", "models", "interventions", "plotting", "results", "runner", "sweep", "fullscale"),
+    "infrastructure": ("paths", "env", "models", "fast_bridge", "interventions", "plotting", "results", "runner", "sweep", "fullscale"),
     "shared methods": ("stats", "probes", "geometry", "finetune", "editing", "toy", "sae", "graphs", "patching",
                        "calibration"),
     "experiments": ("superposition", "plateaus", "linear_rep", "pause", "function_vectors", "lenses", "steering",

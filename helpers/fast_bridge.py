@@ -30,6 +30,7 @@ classes, which the bridge's layers are not; the fused layer returns None as its 
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -107,7 +108,7 @@ def _fused_now(attn, kwargs: dict) -> bool:
     return isinstance(pe, tuple) and len(pe) == 2 and pe[0].shape[-1] == head_dim
 
 
-_LAST_MASK: dict[str, tuple] = {}  # the last mask checked and the answer (a strong reference: ids are reused)
+_LAST_MASK: dict[str, tuple] = {}  # a weak reference to the last mask checked, and the answer
 
 
 def _plain_causal(attn, mask: torch.Tensor | None, q_len: int, kv_len: int) -> bool:
@@ -117,7 +118,7 @@ def _plain_causal(attn, mask: torch.Tensor | None, q_len: int, kv_len: int) -> b
     if mask is None:
         return True
     last = _LAST_MASK.get("mask")
-    if last is not None and last[0] is mask:  # every layer gets the same mask object in one forward
+    if last is not None and last[0]() is mask:  # every layer gets the same mask object in one forward
         return last[1]
     ok = False
     if mask.ndim == 4 and mask.shape[-2] == q_len and mask.shape[-1] == kv_len:
@@ -127,7 +128,7 @@ def _plain_causal(attn, mask: torch.Tensor | None, q_len: int, kv_len: int) -> b
         else:
             hidden = mask <= torch.finfo(mask.dtype).min / 2
             ok = bool((hidden == future).all() and (mask.masked_fill(future, 0) == 0).all())
-    _LAST_MASK["mask"] = (mask, ok)
+    _LAST_MASK["mask"] = (weakref.ref(mask), ok)
     return ok
 
 
