@@ -2,7 +2,8 @@
 
 Measures, each in a fresh subprocess so times and peak memory are not polluted by earlier steps:
 1. cold load (dequantizing the GGUF into an empty cache) vs cached load of the default model;
-2. forward throughput (tokens/s) at one batch shape, round robin so machine noise hits every row alike: raw
+2. forward throughput (tokens/s) at one batch shape (and a 1 x 16 prompt, where per-call overhead shows), round
+   robin so machine noise hits every row alike, time / raw as the median of each round's own ratio: raw
    transformers (SDPA and eager attention), the TransformerLens bridge with the workbook's fast paths and with
    TransformerLens's own (`load_model(fast=False)`), `run_with_cache` with a names filter,
    a steering and a patching forward through `helpers.interventions`, the same reads and steering as plain
@@ -105,18 +106,30 @@ try:
     runs["nnsight trace, one in-place steering"] = nnsight_steer
 except ImportError:  # nnsight is an optional benchmark dependency: pip install nnsight
     pass
-times = {{label: [] for label in runs}}
+small = tokens[:1, :16]  # one short prompt: where the bridge's per-call Python overhead shows
+small_runs = {{"transformers (raw HF model, SDPA attention), 1 x 16 tokens": lambda: hf(small).logits,
+              "TransformerLens bridge, 1 x 16 tokens": lambda: bridge(small),
+              "bridge, TransformerLens's own paths, 1 x 16 tokens": lambda: bridge_tl(small)}}
+times = {{label: [] for label in list(runs) + list(small_runs)}}
 with torch.no_grad():
-    for fn in runs.values():
+    for fn in list(runs.values()) + list(small_runs.values()):
         fn()  # warm up
     for _ in range(REPEATS):  # round robin, so a slow moment of the machine hits every row alike
         for label, fn in runs.items():
             t0 = time.perf_counter(); fn(); times[label].append(time.perf_counter() - t0)
+        for label, fn in small_runs.items():
+            t0 = time.perf_counter()
+            for _ in range(10): fn()
+            times[label].append((time.perf_counter() - t0) / 10)
     fast, own, raw = bridge(tokens), bridge_tl(tokens), hf(tokens).logits
 agree = {{"max_abs_fast_vs_own": float((fast - own).abs().max()), "max_abs_raw_vs_own": float((raw - own).abs().max()),
          "logit_scale": float(own.abs().max())}}
-out = {{label: BATCH * SEQ / statistics.median(t) for label, t in times.items()}}
-print(json.dumps({{"tokens_per_s": out, "agree": agree, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+first_small = next(iter(small_runs))
+out = {{label: (16 if label in small_runs else BATCH * SEQ) / statistics.median(t) for label, t in times.items()}}
+# time / raw within each round (the same moment of the machine), then the median over rounds
+paired = {{label: statistics.median(a / b for a, b in zip(t, times[first_small if label in small_runs else next(iter(runs))]))
+          for label, t in times.items()}}
+print(json.dumps({{"tokens_per_s": out, "paired_ratio": paired, "agree": agree, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
 SWEEP_SNIPPET = """
@@ -172,7 +185,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--skip-notebooks", action="store_true")
     parser.add_argument("--nb", nargs="*", help="only these notebooks")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
@@ -195,10 +208,10 @@ def main() -> None:
 
     tp = run_python(THROUGHPUT_SNIPPET.format(batch=args.batch, seq=args.seq, repeats=args.repeats))
     report["throughput"] = tp
-    raw = next(iter(tp["tokens_per_s"].values()))
-    print(f"\n| forward pass, {args.batch} x {args.seq} tokens, median of {args.repeats} | tokens/s | time / raw |\n|---|---|---|")
+    print(f"\n| forward pass, {args.batch} x {args.seq} tokens unless named, median of {args.repeats} rounds | tokens/s "
+          "| time / raw (median of the rounds' ratios) |\n|---|---|---|")
     for label, value in tp["tokens_per_s"].items():
-        print(f"| {label} | {value:,.0f} | {raw / value:.2f}x |")
+        print(f"| {label} | {value:,.0f} | {tp['paired_ratio'][label]:.2f}x |")
     print(f"| peak memory, throughput process (two HF models + two bridges) | {tp['peak_mb']:.0f} MB | |")
     agree = tp["agree"]
     print(f"\nlogits, max |difference| over the batch (largest |logit| {agree['logit_scale']:.1f}): fast paths vs "

@@ -1,4 +1,5 @@
-"""Faster TransformerLens bridge forwards: fused attention and single-pass norms whenever no hook needs them.
+"""Faster TransformerLens bridge forwards: fused attention, single-pass norms and a bias-free unembedding
+whenever no hook needs the slow path.
 
 In compatibility mode TransformerLens (4.3) pays for hook points that nobody may be using (issue 24):
 
@@ -14,14 +15,19 @@ In compatibility mode TransformerLens (4.3) pays for hook points that nobody may
    step-by-step path for that call. SDPA adds the same numbers in another order, so logits move by float32
    rounding (max |Δ| ~6e-5 on logits of scale ~35 for SmolLM2-135M; the raw Hugging Face model's own SDPA
    and eager attention differ by as much), never by more.
-2. **Norms** compute the normalisation twice: once to fire ``hook_scale`` / ``hook_normalized``, then the
+2. **The unembedding** of a folded model carries a bias of zeros, and adding it means broadcasting it over
+   the whole [tokens, vocabulary] output first (~3% of a forward pass for SmolLM2). While that bias is all
+   zeros and nothing hooks the Hugging Face head itself, the head's matrix product runs without it:
+   bit-identical logits.
+3. **Norms** compute the normalisation twice: once to fire ``hook_scale`` / ``hook_normalized``, then the
    Hugging Face module's own forward, whose output is returned. When neither hook point has a hook, the
    single-pass norm calls only the Hugging Face module: bit-identical output.
 
 `load_model(fast=False)` or `uninstall(model)` gives TransformerLens's own paths everywhere.
 Architectures with features the fused attention does not reproduce (soft-capping, attention sinks, gated
 queries, Q/K clipping, partial or interleaved rotary, pre-reshape Q/K norms, split-QKV inputs) keep the
-step-by-step attention.
+step-by-step attention, and so does every call inside a torch.func transform or a forward-mode AD level
+(PyTorch 2.13 has no forward-mode derivative for SDPA on CPU; notebook 03's Jacobians use `torch.func.jvp`).
 
 `output_attentions=True` (which `run_with_cache` always passes) does not force the slow path: the bridge's
 forward returns logits only, and the Hugging Face model records attention weights from its own attention
@@ -90,6 +96,13 @@ def _has_hooks(module: torch.nn.Module | None) -> bool:
                                        or module._backward_hooks or module._backward_pre_hooks)
 
 
+def _transformed() -> bool:
+    """Inside torch.func (jvp, vmap, jacfwd ...) or a forward-mode AD dual level."""
+    from torch.autograd import forward_ad
+
+    return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
+
+
 def _fused_now(attn, kwargs: dict) -> bool:
     """Whether this call may take the fused path (checked on every call: hooks come and go)."""
     from torch.nn.modules import module as nn_module
@@ -97,6 +110,8 @@ def _fused_now(attn, kwargs: dict) -> bool:
     if _has_hooks(getattr(attn, "hook_attn_scores", None)) or _has_hooks(getattr(attn, "hook_pattern", None)):
         return False
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return False
+    if _transformed():  # forward-mode AD through SDPA is not implemented on CPU (torch 2.13)
         return False
     cfg = attn.config
     if any(getattr(cfg, f, False) for f in ("use_split_qkv_input", "use_attn_in", "use_attn_result")):
@@ -214,9 +229,27 @@ def _single_pass_norm_forward(self, hidden_states: torch.Tensor, **kwargs: Any) 
     return self.hook_out(result)
 
 
+def _unembeddings(model) -> list:
+    from transformer_lens.model_bridge.generalized_components.unembedding import UnembeddingBridge
+
+    return [m for m in model.modules() if type(m) is UnembeddingBridge]
+
+
+def _lean_unembed_forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """The bridge's unembedding without adding a bias of zeros (same logits, bit for bit)."""
+    from torch.nn.modules import module as nn_module
+
+    head = self.original_component
+    if (kwargs or type(head) is not torch.nn.Linear or _has_hooks(head) or nn_module._global_forward_hooks
+            or nn_module._global_forward_pre_hooks or (head.bias is not None and bool(head.bias.any()))):
+        return type(self).forward(self, hidden_states, **kwargs)
+    x = self.hook_in(hidden_states)
+    return self.hook_out(F.linear(x, head.weight))
+
+
 def install(model) -> dict[str, int]:
     """Give every eligible attention layer and norm of `model` its fast path; returns how many got one."""
-    counts = {"attention": 0, "norm": 0}
+    counts = {"attention": 0, "norm": 0, "unembed": 0}
     # into each instance's own __dict__: the bridge's __setattr__ would hand `forward` to the HF module
     for attn in _attention_layers(model):
         if why_not(attn) is None:
@@ -225,19 +258,23 @@ def install(model) -> dict[str, int]:
     for norm in _norm_layers(model):
         norm.__dict__["forward"] = types.MethodType(_single_pass_norm_forward, norm)
         counts["norm"] += 1
+    for unembed in _unembeddings(model):
+        unembed.__dict__["forward"] = types.MethodType(_lean_unembed_forward, unembed)
+        counts["unembed"] += 1
     model.__dict__["workbook_fast"] = counts
     return counts
 
 
 def uninstall(model) -> None:
     """Back to TransformerLens's own attention and norm forwards everywhere."""
-    for module in _attention_layers(model) + _norm_layers(model):
+    for module in _attention_layers(model) + _norm_layers(model) + _unembeddings(model):
         module.__dict__.pop("forward", None)
     _LAST_MASK.clear()
-    model.__dict__["workbook_fast"] = {"attention": 0, "norm": 0}
+    model.__dict__["workbook_fast"] = {"attention": 0, "norm": 0, "unembed": 0}
 
 
 def installed(model) -> dict[str, int]:
     """How many attention layers and norms of `model` take their fast path when no hook needs the slow one."""
     return {"attention": sum("forward" in m.__dict__ for m in _attention_layers(model)),
-            "norm": sum("forward" in m.__dict__ for m in _norm_layers(model))}
+            "norm": sum("forward" in m.__dict__ for m in _norm_layers(model)),
+            "unembed": sum("forward" in m.__dict__ for m in _unembeddings(model))}

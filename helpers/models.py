@@ -392,7 +392,7 @@ def load_model(
     random_weights: bool = False,
     seed: int = 0,
     compat: bool = True,
-    fast: bool = True,
+    fast: bool | None = None,
     device_map: str | dict | None = None,
     n_devices: int | None = None,
     verbose: bool = True,
@@ -407,10 +407,13 @@ def load_model(
         compat: False keeps the bridge's native hook names and raw HF numerics.
         fast: fused (SDPA) attention in every layer whose pattern nothing hooks, and norms computed once
             when nothing hooks their scale (`helpers.fast_bridge`); False: TransformerLens's own paths.
+            None (default): on, unless the environment sets WORKBOOK_FAST=0 (to rerun a notebook the old way).
         device_map, n_devices: passed to TransformerLens to spread a large hub model over several GPUs.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    if fast is None:
+        fast = os.environ.get("WORKBOOK_FAST", "1").strip() not in ("0", "false", "False", "no")
     for flag, value in (("random_weights", random_weights), ("fast", fast)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be a bool, got {value!r}")

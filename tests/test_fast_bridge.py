@@ -30,7 +30,7 @@ def both(model, run):
 
 
 def test_every_layer_gets_the_fast_paths(model):
-    assert F.installed(model) == {"attention": model.cfg.n_layers, "norm": 2 * model.cfg.n_layers + 1}
+    assert F.installed(model) == {"attention": model.cfg.n_layers, "norm": 2 * model.cfg.n_layers + 1, "unembed": 1}
     assert all(F.why_not(a) is None for a in F._attention_layers(model))
 
 
@@ -55,9 +55,11 @@ def test_left_padding_cache_steering_and_patching_agree(model):
     assert close(fast, slow)
 
 
-def test_single_pass_norms_are_bit_identical(model):
+def test_single_pass_norms_and_the_lean_unembedding_are_bit_identical(model):
     tokens = torch.randint(100, 40000, (2, 24), generator=torch.Generator().manual_seed(2))
-    attn = {a: a.__dict__.pop("forward") for a in F._attention_layers(model)}  # norms fast, attention not
+    head = model.unembed.original_component
+    assert head.bias is not None and not head.bias.any()  # what the lean path skips: a bias of zeros
+    attn = {a: a.__dict__.pop("forward") for a in F._attention_layers(model)}  # the rest fast, attention not
     try:
         with torch.no_grad():
             fast, slow = both(model, lambda: model(tokens))
@@ -98,6 +100,15 @@ def test_hooks_on_patterns_scores_and_scales_take_the_slow_path(model, monkeypat
         with torch.no_grad():
             model(tokens)
     assert seen == [torch.Size([2, 16, 1])]  # the norm's own hook point still fires when hooked
+    head = model.unembed.original_component
+    with torch.no_grad():
+        head.bias[7] = 1.0  # a bias that is not all zeros is added again
+        try:
+            shifted = model(tokens)
+        finally:
+            head.bias[7] = 0.0
+        plain = model(tokens)
+    assert torch.allclose(shifted[..., 7] - plain[..., 7], torch.ones(()), atol=1e-4)
 
 
 def test_gradients_stay_finite_with_left_padding(model):
@@ -107,6 +118,29 @@ def test_gradients_stay_finite_with_left_padding(model):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_forward_mode_jacobians_take_the_slow_path(model):
+    """torch.func.jvp has no rule for SDPA on CPU: inside a transform every layer takes the step-by-step path."""
+    from helpers import linear_rep as LR
+
+    tokens = torch.randint(100, 40000, (1, 8), generator=torch.Generator().manual_seed(5))
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.6.hook_resid_pre"])
+    x = cache["blocks.6.hook_resid_pre"][0, -1].detach()
+
+    def fn(h):  # from layer 6's residual at the last position to the next-token logits
+        def put(resid, hook):
+            resid = resid.clone()
+            resid[:, -1] = h
+            return resid
+
+        return model.run_with_hooks(tokens, fwd_hooks=[("blocks.6.hook_resid_pre", put)])[0, -1, :5]
+
+    tangents = torch.randn(2, model.cfg.d_model, generator=torch.Generator().manual_seed(6))
+    _, jv = LR.jvp_batch(fn, x, tangents)
+    eps = 1e-2
+    finite = torch.stack([(fn(x + eps * t) - fn(x - eps * t)) / (2 * eps) for t in tangents]).detach()
+    assert torch.isfinite(jv).all() and torch.allclose(jv, finite, rtol=0.05, atol=0.05)
 
 
 @torch.no_grad()
@@ -131,8 +165,10 @@ def test_sliding_window_and_qk_norms_of_a_tiny_gemma3(tmp_path):
     assert close(fast, slow) and close(slow, reference) and not close(unwindowed, reference)
 
 
-def test_load_model_fast_flag(model):
+def test_load_model_fast_flag(model, monkeypatch):
     with pytest.raises(TypeError, match="fast must be a bool"):
         helpers.load_model(fast="yes")
     plain = helpers.load_model(fast=False, verbose=False)
-    assert F.installed(plain) == {"attention": 0, "norm": 0}
+    assert F.installed(plain) == {"attention": 0, "norm": 0, "unembed": 0}
+    monkeypatch.setenv("WORKBOOK_FAST", "0")  # what a rerun of a notebook the old way sets
+    assert F.installed(helpers.load_model(verbose=False)) == {"attention": 0, "norm": 0, "unembed": 0}
