@@ -12,13 +12,16 @@ In compatibility mode TransformerLens (4.3) pays for hook points that nobody may
    bridge's mask semantics: the mask is built by the layer's own ``_apply_reconstruct_attention_mask`` and a
    query that sees no key (a left pad) gets a zero output, as the bridge's NaN scrub gives it. Hooking or
    caching a pattern (``run_with_cache`` without a names filter, notebook 11) sends that layer back to the
-   step-by-step path for that call. SDPA adds the same numbers in another order, so logits move by float32
-   rounding (max |Δ| ~6e-5 on logits of scale ~35 for SmolLM2-135M; the raw Hugging Face model's own SDPA
-   and eager attention differ by as much), never by more.
+   step-by-step path for that call. SDPA computes the same attention with another kernel (a blocked, online
+   softmax), so in float32 the logits move by rounding: max |Δ| 6e-5 on a 4 x 64 batch and 1.9e-4 on an
+   8 x 128 one, of logits up to ~35, for SmolLM2-135M, the same as between the raw Hugging Face model's own
+   SDPA and eager attention (tests hold it to 1e-5 x the largest logit). The fused path runs in float32 and
+   float64 only: TransformerLens rounds scores and patterns to a half-precision model's dtype, SDPA does not,
+   so bf16/fp16 models keep the step-by-step attention.
 2. **The unembedding** of a folded model carries a bias of zeros, and adding it means broadcasting it over
    the whole [tokens, vocabulary] output first (~3% of a forward pass for SmolLM2). While that bias is all
-   zeros and nothing hooks the Hugging Face head itself, the head's matrix product runs without it:
-   bit-identical logits.
+   zeros and nothing hooks the Hugging Face head itself, the head's matrix product runs without it: on CPU
+   bit-identical logits (tested; on CUDA a bias epilogue may round differently).
 3. **Norms** compute the normalisation twice: once to fire ``hook_scale`` / ``hook_normalized``, then the
    Hugging Face module's own forward, whose output is returned. When neither hook point has a hook, the
    single-pass norm calls only the Hugging Face module: bit-identical output.
@@ -29,13 +32,16 @@ queries, Q/K clipping, partial or interleaved rotary, pre-reshape Q/K norms, spl
 step-by-step attention, and so does every call inside a torch.func transform or a forward-mode AD level
 (PyTorch 2.13 has no forward-mode derivative for SDPA on CPU; notebook 03's Jacobians use `torch.func.jvp`).
 
-`output_attentions=True` (which `run_with_cache` always passes) does not force the slow path: the bridge's
-forward returns logits only, and the Hugging Face model records attention weights from its own attention
-classes, which the bridge's layers are not; the fused layer returns None as its weights.
+Also on the step-by-step path: any call while a hook sits on the attention module itself (a hook there may
+read the pattern it returns; the fused layer returns None in its place), while a global module hook is
+registered, or once compatibility mode is off. `output_attentions=True` (which `run_with_cache` always
+passes) does not force the slow path: the bridge's forward returns logits only, and transformers collects
+attention weights by hooking its own attention modules (`LlamaAttention` ...), which the bridge wraps but
+never calls, so neither path returns them.
 """
 from __future__ import annotations
 
-import types
+import functools
 import weakref
 from typing import Any
 
@@ -103,13 +109,20 @@ def _transformed() -> bool:
     return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
 
 
-def _fused_now(attn, kwargs: dict) -> bool:
-    """Whether this call may take the fused path (checked on every call: hooks come and go)."""
+def _global_hooks() -> bool:
     from torch.nn.modules import module as nn_module
 
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
+
+
+def _fused_now(attn, kwargs: dict, hidden_states: Any) -> bool:
+    """Whether this call may take the fused path (checked on every call: hooks come and go)."""
     if _has_hooks(getattr(attn, "hook_attn_scores", None)) or _has_hooks(getattr(attn, "hook_pattern", None)):
         return False
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+    if _has_hooks(attn) or _global_hooks() or not attn.compatibility_mode:
+        return False
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dtype not in (torch.float32, torch.float64):
         return False
     if _transformed():  # forward-mode AD through SDPA is not implemented on CPU (torch 2.13)
         return False
@@ -123,7 +136,7 @@ def _fused_now(attn, kwargs: dict) -> bool:
     return isinstance(pe, tuple) and len(pe) == 2 and pe[0].shape[-1] == head_dim
 
 
-_LAST_MASK: dict[str, tuple] = {}  # a weak reference to the last mask checked, and the answer
+_LAST_MASK: dict[str, tuple] = {}  # the last mask checked (weak reference, version, shape) and the answer
 
 
 def _plain_causal(attn, mask: torch.Tensor | None, q_len: int, kv_len: int) -> bool:
@@ -132,9 +145,10 @@ def _plain_causal(attn, mask: torch.Tensor | None, q_len: int, kv_len: int) -> b
         return False
     if mask is None:
         return True
+    key = (mask._version, tuple(mask.shape), str(mask.device))  # an in-place edit bumps _version
     last = _LAST_MASK.get("mask")
-    if last is not None and last[0]() is mask:  # every layer gets the same mask object in one forward
-        return last[1]
+    if last is not None and last[0]() is mask and last[1] == key:  # every layer gets the same mask in one forward
+        return last[2]
     ok = False
     if mask.ndim == 4 and mask.shape[-2] == q_len and mask.shape[-1] == kv_len:
         future = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).triu(1)
@@ -143,13 +157,14 @@ def _plain_causal(attn, mask: torch.Tensor | None, q_len: int, kv_len: int) -> b
         else:
             hidden = mask <= torch.finfo(mask.dtype).min / 2
             ok = bool((hidden == future).all() and (mask.masked_fill(future, 0) == 0).all())
-    _LAST_MASK["mask"] = (weakref.ref(mask), ok)
+    _LAST_MASK["mask"] = (weakref.ref(mask), key, ok)
     return ok
 
 
 def _fused_forward(self, *args: Any, **kwargs: Any) -> Any:
     """The bridge's attention forward with SDPA in place of scores -> softmax -> pattern."""
-    if not _fused_now(self, kwargs):
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+    if not _fused_now(self, kwargs, hidden_states):
         return type(self).forward(self, *args, **kwargs)
     hf_attn = self.original_component
     if "hidden_states" in kwargs:
@@ -210,12 +225,9 @@ def _norm_layers(model) -> list:
 
 def _single_pass_now(norm) -> bool:
     """Whether TransformerLens's own norm forward would return the Hugging Face module's output unchanged."""
-    from torch.nn.modules import module as nn_module
-
     native = norm.use_native_layernorm_autograd or getattr(norm.config, "layer_norm_folding", False)
     return (native and not isinstance(norm.original_component, torch.nn.Identity)
-            and not _has_hooks(norm.hook_scale) and not _has_hooks(norm.hook_normalized)
-            and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks)
+            and not _has_hooks(norm.hook_scale) and not _has_hooks(norm.hook_normalized) and not _global_hooks())
 
 
 def _single_pass_norm_forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -235,13 +247,23 @@ def _unembeddings(model) -> list:
     return [m for m in model.modules() if type(m) is UnembeddingBridge]
 
 
+def _zero_bias(unembed, head: torch.nn.Linear) -> bool:
+    """The head has no bias or an all-zero one (checked again only after the bias changes: no GPU sync per call)."""
+    bias = head.bias
+    if bias is None:
+        return True
+    key = (bias.data_ptr(), bias._version)
+    last = unembed.__dict__.get("_workbook_zero_bias")
+    if last is None or last[0] != key:
+        last = (key, not bool(bias.any()))
+        unembed.__dict__["_workbook_zero_bias"] = last
+    return last[1]
+
+
 def _lean_unembed_forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """The bridge's unembedding without adding a bias of zeros (same logits, bit for bit)."""
-    from torch.nn.modules import module as nn_module
-
     head = self.original_component
-    if (kwargs or type(head) is not torch.nn.Linear or _has_hooks(head) or nn_module._global_forward_hooks
-            or nn_module._global_forward_pre_hooks or (head.bias is not None and bool(head.bias.any()))):
+    if kwargs or type(head) is not torch.nn.Linear or _has_hooks(head) or _global_hooks() or not _zero_bias(self, head):
         return type(self).forward(self, hidden_states, **kwargs)
     x = self.hook_in(hidden_states)
     return self.hook_out(F.linear(x, head.weight))
@@ -253,13 +275,13 @@ def install(model) -> dict[str, int]:
     # into each instance's own __dict__: the bridge's __setattr__ would hand `forward` to the HF module
     for attn in _attention_layers(model):
         if why_not(attn) is None:
-            attn.__dict__["forward"] = types.MethodType(_fused_forward, attn)
+            attn.__dict__["forward"] = functools.partial(_fused_forward, attn)  # a partial pickles; a bound method not
             counts["attention"] += 1
     for norm in _norm_layers(model):
-        norm.__dict__["forward"] = types.MethodType(_single_pass_norm_forward, norm)
+        norm.__dict__["forward"] = functools.partial(_single_pass_norm_forward, norm)
         counts["norm"] += 1
     for unembed in _unembeddings(model):
-        unembed.__dict__["forward"] = types.MethodType(_lean_unembed_forward, unembed)
+        unembed.__dict__["forward"] = functools.partial(_lean_unembed_forward, unembed)
         counts["unembed"] += 1
     model.__dict__["workbook_fast"] = counts
     return counts
@@ -269,7 +291,7 @@ def uninstall(model) -> None:
     """Back to TransformerLens's own attention and norm forwards everywhere."""
     for module in _attention_layers(model) + _norm_layers(model) + _unembeddings(model):
         module.__dict__.pop("forward", None)
-    _LAST_MASK.clear()
+        module.__dict__.pop("_workbook_zero_bias", None)
     model.__dict__["workbook_fast"] = {"attention": 0, "norm": 0, "unembed": 0}
 
 

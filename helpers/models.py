@@ -262,7 +262,7 @@ def save_tiny_model(folder: str | Path, architecture: str = "llama", n_layers: i
         layer_types = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n_layers)]
         config = Gemma3TextConfig(vocab_size=49152, hidden_size=d_model, intermediate_size=2 * d_model,
                                   num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=1,
-                                  head_dim=d_model // n_heads, query_pre_attn_scalar=d_model // n_heads,
+                                  head_dim=d_model // n_heads, query_pre_attn_scalar=3 * (d_model // n_heads),
                                   sliding_window=6, layer_types=layer_types, max_position_embeddings=2048,
                                   tie_word_embeddings=True, **ids)
         model = Gemma3ForCausalLM(config)
@@ -450,7 +450,7 @@ def load_model(
     from helpers import results
 
     if not random_weights:
-        results.set_context(model=label)
+        results.set_context(model=label, fast_paths=bool(getattr(bridge, "workbook_fast", {}).get("attention")))
     if verbose:
         info = describe(bridge)
         print(f"loaded {label} ({kind}) in {time.perf_counter() - t0:.1f} s: {info.n_layers} layers, "

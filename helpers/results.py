@@ -315,7 +315,9 @@ def report(notebook: str, digits: int = 3, folder: Path | None = None) -> Saved:
 
 # ---------------------------------------------------------------- regression baselines
 
-BASELINE_CONTEXT = ("model", "seed", "fast")   # a baseline applies only to runs with the same settings
+# a baseline applies only to runs with the same settings; fast_paths: the bridge's fast paths (helpers.fast_bridge),
+# set by load_model (None in a notebook that loads no bridge), since some fits amplify their float rounding (07)
+BASELINE_CONTEXT = ("model", "seed", "fast", "fast_paths")
 
 
 def write_baseline(payload: dict[str, Any], folder: Path | None = None) -> Path:

@@ -72,7 +72,7 @@ def test_single_pass_norms_and_the_lean_unembedding_are_bit_identical(model):
 def test_hooks_on_patterns_scores_and_scales_take_the_slow_path(model, monkeypatch):
     taken = []
     real = F._fused_now
-    monkeypatch.setattr(F, "_fused_now", lambda a, kw: taken.append(real(a, kw)) or taken[-1])
+    monkeypatch.setattr(F, "_fused_now", lambda a, kw, h: taken.append(real(a, kw, h)) or taken[-1])
     tokens = torch.randint(100, 40000, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         model(tokens)
@@ -111,13 +111,20 @@ def test_hooks_on_patterns_scores_and_scales_take_the_slow_path(model, monkeypat
     assert torch.allclose(shifted[..., 7] - plain[..., 7], torch.ones(()), atol=1e-4)
 
 
-def test_gradients_stay_finite_with_left_padding(model):
+def test_gradients_with_left_padding_are_finite_and_agree(model):
     tokens = I.to_tokens(model, PROMPTS)
-    logits = model(tokens, attention_mask=I.attention_mask(model, tokens))
-    logits[:, -1].logsumexp(-1).sum().backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    model.zero_grad(set_to_none=True)
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+    weight = model.blocks[3].attn.q.original_component.weight
+
+    def grads():
+        logits = model(tokens, attention_mask=I.attention_mask(model, tokens))
+        logits[:, -1].logsumexp(-1).sum().backward()
+        out = [p.grad.clone() for p in model.parameters() if p.grad is not None] + [weight.grad.clone()]
+        model.zero_grad(set_to_none=True)
+        return out
+
+    fast, slow = both(model, grads)
+    assert fast and all(torch.isfinite(g).all() for g in fast)
+    assert (fast[-1] - slow[-1]).abs().max() <= 1e-3 * slow[-1].abs().max()  # a query weight deep in the stack
 
 
 def test_forward_mode_jacobians_take_the_slow_path(model):
@@ -137,7 +144,14 @@ def test_forward_mode_jacobians_take_the_slow_path(model):
         return model.run_with_hooks(tokens, fwd_hooks=[("blocks.6.hook_resid_pre", put)])[0, -1, :5]
 
     tangents = torch.randn(2, model.cfg.d_model, generator=torch.Generator().manual_seed(6))
-    _, jv = LR.jvp_batch(fn, x, tangents)
+    taken = []
+    real = F._fused_now
+    F._fused_now = lambda a, kw, h: taken.append(real(a, kw, h)) or taken[-1]
+    try:
+        _, jv = LR.jvp_batch(fn, x, tangents)
+    finally:
+        F._fused_now = real
+    assert True in taken and taken[-model.cfg.n_layers:] == [False] * model.cfg.n_layers  # fn(x) fused, jvp not
     eps = 1e-2
     finite = torch.stack([(fn(x + eps * t) - fn(x - eps * t)) / (2 * eps) for t in tangents]).detach()
     assert torch.isfinite(jv).all() and torch.allclose(jv, finite, rtol=0.05, atol=0.05)
@@ -155,6 +169,8 @@ def test_sliding_window_and_qk_norms_of_a_tiny_gemma3(tmp_path):
     folder = models.save_tiny_model(tmp_path / "gemma", architecture="gemma3", n_layers=4, d_model=128, n_heads=4)
     small = helpers.load_model(str(folder), device="cpu", verbose=False)
     assert F.installed(small)["attention"] == 4
+    scaling = small.blocks[0].attn.original_component.scaling
+    assert scaling != (128 // 4) ** -0.5  # query_pre_attn_scalar is not head_dim: a wrong scale would show
     hf, _ = models.load_hf(str(folder), device="cpu")
     tokens = torch.randint(100, 40000, (3, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -162,7 +178,47 @@ def test_sliding_window_and_qk_norms_of_a_tiny_gemma3(tmp_path):
         reference = hf(tokens).logits
         hf.config.sliding_window = 64  # the window really matters at 20 tokens
         unwindowed = hf(tokens).logits
-    assert close(fast, slow) and close(slow, reference) and not close(unwindowed, reference)
+    assert close(fast, slow) and not torch.equal(fast, slow)  # the fused path really ran, and agrees
+    assert close(slow, reference) and not close(unwindowed, reference)
+
+
+def test_a_mask_edited_in_place_is_checked_again(model):
+    """The plain-causal answer is cached per mask object for one forward; an in-place edit must invalidate it."""
+    attn = model.blocks[0].attn
+    mask = torch.zeros(1, 1, 6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    assert F._plain_causal(attn, mask, 6, 6)
+    mask[..., 5, 2] = torch.finfo(torch.float32).min  # attention knockout: query 5 may no longer see key 2
+    assert not F._plain_causal(attn, mask, 6, 6)
+
+
+def test_hooks_on_the_attention_module_global_hooks_and_half_precision_take_the_slow_path(model, tmp_path):
+    tokens = torch.randint(100, 40000, (1, 8), generator=torch.Generator().manual_seed(7))
+    seen = []
+    handle = model.blocks[4].attn.register_forward_hook(lambda m, args, out: seen.append(out[1]))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        handle.remove()
+    assert seen and seen[0] is not None and seen[0].shape[-2:] == (8, 8)  # the pattern, as TransformerLens returns
+    calls = []
+    real = F._fused_now
+    F._fused_now = lambda a, kw, h: calls.append(real(a, kw, h)) or calls[-1]
+    handle = torch.nn.modules.module.register_module_full_backward_hook(lambda *a: None)
+    try:
+        with torch.no_grad():
+            model(tokens)
+        assert calls and not any(calls)
+        calls.clear()
+        folder = models.save_tiny_model(tmp_path / "tiny", n_layers=2, d_model=96, n_heads=6)
+        half = helpers.load_model(str(folder), device="cpu", dtype=torch.bfloat16, verbose=False)
+        handle.remove()
+        with torch.no_grad():
+            half(tokens)
+        assert len(calls) == 2 and not any(calls)  # bf16: TransformerLens rounds patterns, SDPA would not
+    finally:
+        handle.remove()
+        F._fused_now = real
 
 
 def test_load_model_fast_flag(model, monkeypatch):
