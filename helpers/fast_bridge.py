@@ -49,12 +49,32 @@ import torch
 import torch.nn.functional as F
 
 
-def _attention_layers(model) -> list:
+def _bridge_classes() -> dict[str, tuple[type, ...]]:
+    """The TransformerLens component classes each fast path replaces the forward of (exact types only)."""
+    from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
         PositionEmbeddingsAttentionBridge,
     )
+    from transformer_lens.model_bridge.generalized_components.rms_normalization import RMSNormalizationBridge
+    from transformer_lens.model_bridge.generalized_components.unembedding import UnembeddingBridge
 
-    return [m for m in model.modules() if type(m) is PositionEmbeddingsAttentionBridge]
+    return {"attention": (PositionEmbeddingsAttentionBridge,), "norm": (NormalizationBridge, RMSNormalizationBridge),
+            "unembed": (UnembeddingBridge,)}
+
+
+def _components(model) -> dict[str, list]:
+    """The model's attention layers, norms and unembedding, by kind, in one walk over its modules."""
+    kinds = _bridge_classes()
+    found: dict[str, list] = {kind: [] for kind in kinds}
+    for m in model.modules():
+        for kind, classes in kinds.items():
+            if type(m) in classes:
+                found[kind].append(m)
+    return found
+
+
+def _attention_layers(model) -> list:
+    return _components(model)["attention"]
 
 
 def why_not(attn) -> str | None:
@@ -82,19 +102,11 @@ def why_not(attn) -> str | None:
         return "a gate on the attention output"
     if attn._qk_norm_phase not in (None, "post_reshape"):
         return f"Q/K norm phase {attn._qk_norm_phase!r}"
-    if type(attn)._pre_output_projection is not _base_pre_output_projection():
+    if type(attn)._pre_output_projection is not _bridge_classes()["attention"][0]._pre_output_projection:
         return "a sub-layer before the output projection"
     if not hasattr(hf, "head_dim"):
         return "no head_dim"
     return None
-
-
-def _base_pre_output_projection():
-    from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
-        PositionEmbeddingsAttentionBridge,
-    )
-
-    return PositionEmbeddingsAttentionBridge._pre_output_projection
 
 
 def _has_hooks(module: torch.nn.Module | None) -> bool:
@@ -167,10 +179,7 @@ def _fused_forward(self, *args: Any, **kwargs: Any) -> Any:
     if not _fused_now(self, kwargs, hidden_states):
         return type(self).forward(self, *args, **kwargs)
     hf_attn = self.original_component
-    if "hidden_states" in kwargs:
-        hidden_states = kwargs.pop("hidden_states")
-    else:
-        hidden_states, args = args[0], args[1:]
+    kwargs.pop("hidden_states", None)
     position_embeddings = kwargs.pop("position_embeddings")
     attention_mask = kwargs.pop("attention_mask", None)
     hidden_states = self.hook_in(hidden_states)
@@ -216,13 +225,6 @@ def _fused_forward(self, *args: Any, **kwargs: Any) -> Any:
     return self.hook_out(self.o(out)), None
 
 
-def _norm_layers(model) -> list:
-    from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
-    from transformer_lens.model_bridge.generalized_components.rms_normalization import RMSNormalizationBridge
-
-    return [m for m in model.modules() if type(m) in (NormalizationBridge, RMSNormalizationBridge)]
-
-
 def _single_pass_now(norm) -> bool:
     """Whether TransformerLens's own norm forward would return the Hugging Face module's output unchanged."""
     native = norm.use_native_layernorm_autograd or getattr(norm.config, "layer_norm_folding", False)
@@ -239,12 +241,6 @@ def _single_pass_norm_forward(self, hidden_states: torch.Tensor, **kwargs: Any) 
     if result.dtype != x.dtype:
         result = result.to(x.dtype)
     return self.hook_out(result)
-
-
-def _unembeddings(model) -> list:
-    from transformer_lens.model_bridge.generalized_components.unembedding import UnembeddingBridge
-
-    return [m for m in model.modules() if type(m) is UnembeddingBridge]
 
 
 def _zero_bias(unembed, head: torch.nn.Linear) -> bool:
@@ -269,34 +265,29 @@ def _lean_unembed_forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> t
     return self.hook_out(F.linear(x, head.weight))
 
 
+_FAST_FORWARDS = {"attention": _fused_forward, "norm": _single_pass_norm_forward, "unembed": _lean_unembed_forward}
+
+
 def install(model) -> dict[str, int]:
-    """Give every eligible attention layer and norm of `model` its fast path; returns how many got one."""
-    counts = {"attention": 0, "norm": 0, "unembed": 0}
-    # into each instance's own __dict__: the bridge's __setattr__ would hand `forward` to the HF module
-    for attn in _attention_layers(model):
-        if why_not(attn) is None:
-            attn.__dict__["forward"] = functools.partial(_fused_forward, attn)  # a partial pickles; a bound method not
-            counts["attention"] += 1
-    for norm in _norm_layers(model):
-        norm.__dict__["forward"] = functools.partial(_single_pass_norm_forward, norm)
-        counts["norm"] += 1
-    for unembed in _unembeddings(model):
-        unembed.__dict__["forward"] = functools.partial(_lean_unembed_forward, unembed)
-        counts["unembed"] += 1
-    model.__dict__["workbook_fast"] = counts
+    """Give every eligible attention layer, norm and unembedding of `model` its fast path; returns how many got one."""
+    counts = {}
+    for kind, modules in _components(model).items():
+        chosen = [m for m in modules if kind != "attention" or why_not(m) is None]
+        for m in chosen:  # into the instance's own __dict__ (the bridge's __setattr__ would hand it to the HF
+            # module), as a partial (it pickles; a bound method does not)
+            m.__dict__["forward"] = functools.partial(_FAST_FORWARDS[kind], m)
+        counts[kind] = len(chosen)
     return counts
 
 
 def uninstall(model) -> None:
-    """Back to TransformerLens's own attention and norm forwards everywhere."""
-    for module in _attention_layers(model) + _norm_layers(model) + _unembeddings(model):
-        module.__dict__.pop("forward", None)
-        module.__dict__.pop("_workbook_zero_bias", None)
-    model.__dict__["workbook_fast"] = {"attention": 0, "norm": 0, "unembed": 0}
+    """Back to TransformerLens's own attention, norm and unembedding forwards everywhere."""
+    for modules in _components(model).values():
+        for m in modules:
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_workbook_zero_bias", None)
 
 
 def installed(model) -> dict[str, int]:
-    """How many attention layers and norms of `model` take their fast path when no hook needs the slow one."""
-    return {"attention": sum("forward" in m.__dict__ for m in _attention_layers(model)),
-            "norm": sum("forward" in m.__dict__ for m in _norm_layers(model)),
-            "unembed": sum("forward" in m.__dict__ for m in _unembeddings(model))}
+    """How many attention layers, norms and unembeddings of `model` take their fast path when no hook needs it."""
+    return {kind: sum("forward" in m.__dict__ for m in modules) for kind, modules in _components(model).items()}

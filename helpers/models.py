@@ -114,6 +114,10 @@ def _is_true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _is_false(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("0", "false", "no", "off")
+
+
 def _go_offline() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
@@ -413,11 +417,12 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     if fast is None:
-        fast = os.environ.get("WORKBOOK_FAST", "1").strip() not in ("0", "false", "False", "no")
+        fast = not _is_false(os.environ.get("WORKBOOK_FAST"))
     for flag, value in (("random_weights", random_weights), ("fast", fast)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be a bool, got {value!r}")
     t0 = time.perf_counter()
+    fast_paths = False  # whether attention got the fused path (records say so: helpers.results.BASELINE_CONTEXT)
     kind, location, display = resolve(name)
     hub_name = OFFLINE_MODELS[display]["hub_name"] if display in OFFLINE_MODELS else str(display)
     dtype = _check_dtype(dtype)
@@ -443,14 +448,14 @@ def load_model(
         if fast:
             from helpers import fast_bridge
 
-            fast_bridge.install(bridge)
+            fast_paths = fast_bridge.install(bridge)["attention"] > 0
     bridge.eval()
     label = display + (" (random weights)" if random_weights else "")
     bridge.workbook_name = label  # what results tables call this model
     from helpers import results
 
     if not random_weights:
-        results.set_context(model=label, fast_paths=bool(getattr(bridge, "workbook_fast", {}).get("attention")))
+        results.set_context(model=label, fast_paths=fast_paths)
     if verbose:
         info = describe(bridge)
         print(f"loaded {label} ({kind}) in {time.perf_counter() - t0:.1f} s: {info.n_layers} layers, "

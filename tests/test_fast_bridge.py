@@ -29,6 +29,15 @@ def both(model, run):
     return fast, slow
 
 
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[bool]:
+    """Every attention layer's decision, call by call: True when it took the fused path."""
+    decisions: list[bool] = []
+    real = F._fused_now
+    monkeypatch.setattr(F, "_fused_now", lambda a, kw, h: decisions.append(real(a, kw, h)) or decisions[-1])
+    return decisions
+
+
 def test_every_layer_gets_the_fast_paths(model):
     assert F.installed(model) == {"attention": model.cfg.n_layers, "norm": 2 * model.cfg.n_layers + 1, "unembed": 1}
     assert all(F.why_not(a) is None for a in F._attention_layers(model))
@@ -69,10 +78,8 @@ def test_single_pass_norms_and_the_lean_unembedding_are_bit_identical(model):
     assert torch.equal(fast, slow)
 
 
-def test_hooks_on_patterns_scores_and_scales_take_the_slow_path(model, monkeypatch):
-    taken = []
-    real = F._fused_now
-    monkeypatch.setattr(F, "_fused_now", lambda a, kw, h: taken.append(real(a, kw, h)) or taken[-1])
+def test_hooks_on_patterns_scores_and_scales_take_the_slow_path(model, fused_calls):
+    taken = fused_calls
     tokens = torch.randint(100, 40000, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         model(tokens)
@@ -127,7 +134,7 @@ def test_gradients_with_left_padding_are_finite_and_agree(model):
     assert (fast[-1] - slow[-1]).abs().max() <= 1e-3 * slow[-1].abs().max()  # a query weight deep in the stack
 
 
-def test_forward_mode_jacobians_take_the_slow_path(model):
+def test_forward_mode_jacobians_take_the_slow_path(model, fused_calls):
     """torch.func.jvp has no rule for SDPA on CPU: inside a transform every layer takes the step-by-step path."""
     from helpers import linear_rep as LR
 
@@ -144,13 +151,9 @@ def test_forward_mode_jacobians_take_the_slow_path(model):
         return model.run_with_hooks(tokens, fwd_hooks=[("blocks.6.hook_resid_pre", put)])[0, -1, :5]
 
     tangents = torch.randn(2, model.cfg.d_model, generator=torch.Generator().manual_seed(6))
-    taken = []
-    real = F._fused_now
-    F._fused_now = lambda a, kw, h: taken.append(real(a, kw, h)) or taken[-1]
-    try:
-        _, jv = LR.jvp_batch(fn, x, tangents)
-    finally:
-        F._fused_now = real
+    fused_calls.clear()
+    _, jv = LR.jvp_batch(fn, x, tangents)
+    taken = list(fused_calls)
     assert True in taken and taken[-model.cfg.n_layers:] == [False] * model.cfg.n_layers  # fn(x) fused, jvp not
     eps = 1e-2
     finite = torch.stack([(fn(x + eps * t) - fn(x - eps * t)) / (2 * eps) for t in tangents]).detach()
@@ -191,7 +194,8 @@ def test_a_mask_edited_in_place_is_checked_again(model):
     assert not F._plain_causal(attn, mask, 6, 6)
 
 
-def test_hooks_on_the_attention_module_global_hooks_and_half_precision_take_the_slow_path(model, tmp_path):
+def test_hooks_on_the_attention_module_global_hooks_and_half_precision_take_the_slow_path(model, tmp_path,
+                                                                                             fused_calls):
     tokens = torch.randint(100, 40000, (1, 8), generator=torch.Generator().manual_seed(7))
     seen = []
     handle = model.blocks[4].attn.register_forward_hook(lambda m, args, out: seen.append(out[1]))
@@ -201,9 +205,8 @@ def test_hooks_on_the_attention_module_global_hooks_and_half_precision_take_the_
     finally:
         handle.remove()
     assert seen and seen[0] is not None and seen[0].shape[-2:] == (8, 8)  # the pattern, as TransformerLens returns
-    calls = []
-    real = F._fused_now
-    F._fused_now = lambda a, kw, h: calls.append(real(a, kw, h)) or calls[-1]
+    calls = fused_calls
+    calls.clear()
     handle = torch.nn.modules.module.register_module_full_backward_hook(lambda *a: None)
     try:
         with torch.no_grad():
@@ -218,7 +221,6 @@ def test_hooks_on_the_attention_module_global_hooks_and_half_precision_take_the_
         assert len(calls) == 2 and not any(calls)  # bf16: TransformerLens rounds patterns, SDPA would not
     finally:
         handle.remove()
-        F._fused_now = real
 
 
 def test_load_model_fast_flag(model, monkeypatch):
